@@ -1,0 +1,3 @@
+from ksuit.cli import main
+
+main()

@@ -1,0 +1,178 @@
+"""The checkpoint file-name grammar, in both directions, and name/tag validation.
+
+    <name>[_<info>]_cp=<tag>_<kind>.<ext>      a checkpoint file (kind: model | optim | trainer)
+    <name>[_<info>]_cp=<tag>.manifest.json     the manifest of one set (see ksuit.storage)
+    .<final name>.<random>.tmp                 a file being written (never ends in .th)
+    .ksuit-journal.<seq>.json                  a set switch in progress (see ksuit.storage)
+
+`<name>` is a model name (`autoencoder.encoder` for a submodel), `<info>` optional
+`key=value` parts such as `ema=0.999`, `<tag>` a progress tag (`E10_U200_S800`), `latest`,
+`last` or a free string such as `best_model.loss.val`. Writers format names here and readers
+parse them here; nothing else builds or splits file names.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from ksuit.utils.training import TrainingIteration
+
+KINDS = ("model", "optim", "trainer")
+EXTENSIONS = {"torch": "th", "safetensors": "safetensors"}
+LATEST = "latest"
+LAST = "last"
+MANIFEST_SUFFIX = ".manifest.json"
+TEMP_SUFFIX = ".tmp"
+JOURNAL_PREFIX = ".ksuit-journal."
+
+_FILE_RE = re.compile(
+    r"^(?P<name>[^/\\]+?)(?P<info>(?:_[A-Za-z][A-Za-z0-9.\-]*=[^_/\\]*)*)_cp=(?P<tag>[^/\\]+)"
+    r"_(?P<kind>model|optim|trainer)\.(?P<ext>th|safetensors)$"
+)
+_MANIFEST_RE = re.compile(
+    r"^(?P<name>[^/\\]+?)(?P<info>(?:_[A-Za-z][A-Za-z0-9.\-]*=[^_/\\]*)*)_cp=(?P<tag>[^/\\]+)"
+    + re.escape(MANIFEST_SUFFIX)
+    + "$"
+)
+
+
+def _check_component(value: object, what: str) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{what} must be a str, got {type(value).__name__} ({value!r})")
+    if value == "":
+        raise ValueError(f"{what} must not be empty")
+    bad = [c for c in ("/", "\\", "\0") if c in value]
+    if bad:
+        shown = ", ".join(repr(c) for c in bad)
+        raise ValueError(f"{what} {value!r} contains {shown}; use a plain name without path separators")
+    if ".." in value:
+        raise ValueError(f"{what} {value!r} contains '..'; use a plain name")
+    if value.startswith("."):
+        raise ValueError(f"{what} {value!r} starts with '.'; such names are reserved for temporary files")
+    return value
+
+
+def validate_name(name: object, what: str = "model name") -> str:
+    """A model/run name: no path separators, NUL or '..', no '_cp=', not starting with '.'."""
+    name = _check_component(name, what)
+    if "_cp=" in name:
+        raise ValueError(f"{what} {name!r} contains '_cp=', which separates name and tag in file names")
+    return name
+
+
+def validate_tag(tag: object) -> str:
+    """A checkpoint tag such as `E10_U200_S800`, `latest` or `best_model.loss.val`."""
+    tag = _check_component(tag, "checkpoint tag")
+    if tag.endswith(MANIFEST_SUFFIX) or tag.endswith(TEMP_SUFFIX):
+        raise ValueError(f"checkpoint tag {tag!r} ends in a reserved suffix")
+    return tag
+
+
+def validate_output_name(output_name: object) -> str:
+    """A file name inside the checkpoint folder; must not escape it or look like a temp file."""
+    name = _check_component(output_name, "output_name")
+    if name.endswith(TEMP_SUFFIX) or name.endswith(MANIFEST_SUFFIX):
+        raise ValueError(f"output_name {name!r} ends in a suffix reserved for ksuit's own files")
+    return name
+
+
+def validate_info(info: dict[str, object] | None) -> str:
+    """Formats `{'ema': 0.999}` as `ema=0.999` (several joined by '_')."""
+    if not info:
+        return ""
+    parts = []
+    for key, value in info.items():
+        if not isinstance(key, str) or not re.match(r"^[A-Za-z][A-Za-z0-9.\-]*$", key):
+            raise ValueError(f"info key {key!r} must start with a letter and hold only letters, digits, '.', '-'")
+        text = str(value)
+        if any(c in text for c in "_/\\\0") or ".." in text:
+            raise ValueError(f"info value {text!r} for {key!r} must not contain '_', '/', '\\', NUL or '..'")
+        parts.append(f"{key}={text}")
+    return "_".join(parts)
+
+
+@dataclass(frozen=True)
+class CheckpointName:
+    """The parts of a checkpoint file name."""
+
+    name: str
+    tag: str
+    kind: str
+    info: str = ""
+    ext: str = "th"
+
+    @property
+    def group(self) -> str:
+        """`<name>[_<info>]`: the files one save writes under one manifest share it."""
+        return f"{self.name}_{self.info}" if self.info else self.name
+
+    @property
+    def filename(self) -> str:
+        return f"{self.group}_cp={self.tag}_{self.kind}.{self.ext}"
+
+    @property
+    def format(self) -> str:
+        return "safetensors" if self.ext == "safetensors" else "torch"
+
+    @property
+    def training_iteration(self) -> TrainingIteration | None:
+        """The iteration encoded in a progress tag; None for `latest`, `last`, `best_...`."""
+        if TrainingIteration.is_progress_string(self.tag):
+            return TrainingIteration.from_string(self.tag)
+        return None
+
+
+def checkpoint_filename(name: str, tag: str, kind: str, info: str = "", fmt: str = "torch") -> str:
+    """`<name>[_<info>]_cp=<tag>_<kind>.<ext>`, validating every part."""
+    validate_name(name)
+    validate_tag(tag)
+    if kind not in KINDS:
+        raise ValueError(f"unknown checkpoint kind {kind!r}; known: {', '.join(KINDS)}")
+    if fmt not in EXTENSIONS:
+        raise ValueError(f"unknown format {fmt!r}; known: {', '.join(EXTENSIONS)}")
+    return CheckpointName(name, tag, kind, info, EXTENSIONS[fmt]).filename
+
+
+def parse_checkpoint_filename(filename: str) -> CheckpointName | None:
+    """The parts of a checkpoint file name, or None if it is not one."""
+    match = _FILE_RE.match(filename)
+    if match is None:
+        return None
+    return CheckpointName(
+        name=match["name"],
+        tag=match["tag"],
+        kind=match["kind"],
+        info=match["info"].lstrip("_"),
+        ext=match["ext"],
+    )
+
+
+def manifest_filename(group: str, tag: str) -> str:
+    """`<group>_cp=<tag>.manifest.json`; never ends in `.th`."""
+    return f"{group}_cp={tag}{MANIFEST_SUFFIX}"
+
+
+def parse_manifest_filename(filename: str) -> tuple[str, str] | None:
+    """`(group, tag)` of a manifest file name, or None."""
+    match = _MANIFEST_RE.match(filename)
+    if match is None:
+        return None
+    return match["name"] + match["info"], match["tag"]
+
+
+def temp_filename(final_name: str, token: str) -> str:
+    """The name a file is written under before it is renamed to `final_name`."""
+    return f".{final_name}.{token}{TEMP_SUFFIX}"
+
+
+def is_temp_filename(filename: str) -> bool:
+    return filename.startswith(".") and filename.endswith(TEMP_SUFFIX)
+
+
+def journal_filename(sequence: int) -> str:
+    return f"{JOURNAL_PREFIX}{sequence:020d}.json"
+
+
+def is_journal_filename(filename: str) -> bool:
+    return filename.startswith(JOURNAL_PREFIX) and filename.endswith(".json")

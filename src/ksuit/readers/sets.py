@@ -1,0 +1,174 @@
+"""Checkpoint sets: the files one tag of one group holds, checked against their manifest.
+
+Resume reads only sets that are complete (every file present with its recorded size and
+checksum) and consistent (every file written at the same training iteration).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ksuit.layout import parse_manifest_filename
+from ksuit.readers.listing import CheckpointInfo, find_checkpoint_dir, list_checkpoints
+from ksuit.storage.errors import CorruptCheckpointError
+from ksuit.storage.manifest import Manifest, read_manifest, verify_file
+from ksuit.storage.transaction import recover_folder
+from ksuit.utils.training import TrainingIteration
+
+
+@dataclass
+class CheckpointSet:
+    group: str
+    tag: str
+    folder: Path
+    manifest: Manifest | None
+    files: dict[str, CheckpointInfo] = field(default_factory=dict)
+    problems: dict[str, str] = field(default_factory=dict)
+    checksums_verified: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    @property
+    def training_iteration(self) -> TrainingIteration | None:
+        if self.manifest is not None and self.manifest.training_iteration:
+            return TrainingIteration.from_dict(self.manifest.training_iteration)
+        for info in self.files.values():
+            if info.training_iteration is not None:
+                return info.training_iteration
+        return None
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(i.size_bytes for i in self.files.values())
+
+    def file(self, model_name: str, kind: str) -> CheckpointInfo | None:
+        for info in self.files.values():
+            if info.model_name == model_name and info.kind == kind:
+                return info
+        return None
+
+    def check(self, checksum: bool) -> None:
+        """Fills `problems`: missing/short/altered files, files from mixed iterations."""
+        self.problems = {}
+        if self.manifest is None:
+            self.problems["(manifest)"] = "no manifest: the set cannot be verified"
+            return
+        for name, entry in self.manifest.files.items():
+            problem = verify_file(self.folder, name, entry, checksum=checksum)
+            if problem is not None:
+                self.problems[name] = problem
+        for name in self.files:
+            if name not in self.manifest.files:
+                self.problems[name] = "not listed in the manifest"
+        iterations = self.manifest.iterations()
+        if len(iterations) > 1:
+            by_file = {
+                n: str(TrainingIteration.from_dict(e.training_iteration)) if e.training_iteration else "?"
+                for n, e in self.manifest.files.items()
+            }
+            self.problems["(iterations)"] = "files from different iterations: " + ", ".join(
+                f"{n}@{it}" for n, it in sorted(by_file.items())
+            )
+        self.checksums_verified = checksum
+
+
+def scan_sets(run_dir: str | Path, checksum: bool = False) -> list[CheckpointSet]:
+    """Every set of a run (one per group and tag), checked against its manifest."""
+    folder = find_checkpoint_dir(run_dir)
+    sets: dict[tuple[str, str], CheckpointSet] = {}
+    for path in sorted(folder.iterdir()):
+        parsed = parse_manifest_filename(path.name)
+        if parsed is None:
+            continue
+        group, tag = parsed
+        try:
+            manifest = read_manifest(path)
+            sets[(group, tag)] = CheckpointSet(group, tag, folder, manifest)
+        except (CorruptCheckpointError, OSError) as e:
+            s = CheckpointSet(group, tag, folder, None)
+            s.problems["(manifest)"] = str(e)
+            sets[(group, tag)] = s
+    owner = {name: key for key, s in sets.items() if s.manifest for name in s.manifest.files}
+    for info in list_checkpoints(folder):
+        key = owner.get(info.path.name, (info.group, info.tag))
+        if key not in sets:
+            sets[key] = CheckpointSet(info.group, info.tag, folder, None)
+        sets[key].files[info.path.name] = info
+    for s in sets.values():
+        if "(manifest)" not in s.problems:
+            s.check(checksum)
+    return sorted(sets.values(), key=lambda s: (s.group, _sort_key(s)))
+
+
+def _sort_key(s: CheckpointSet) -> tuple:
+    it = s.training_iteration
+    if it is None or not it.is_fully_specified:
+        return (-1, -1, -1, s.tag)
+    return (it.update, it.epoch, it.sample, s.tag)
+
+
+def _matches(s: CheckpointSet, wanted: str | TrainingIteration) -> bool:
+    if isinstance(wanted, str):
+        return s.tag == wanted
+    it = s.training_iteration
+    if it is None:
+        return False
+    return all(getattr(it, k) == v for k, v in wanted)
+
+
+def select_resume_set(
+    run_dir: str | Path,
+    group: str,
+    tag: str | TrainingIteration | None = None,
+    required: Iterable[tuple[str, str]] = (),
+) -> tuple[CheckpointSet, list[tuple[str, str]]]:
+    """The newest complete, consistent set of `group` that has a trainer file and every
+    `(model name, kind)` in `required`; also returns `(tag, reason)` for every set skipped.
+
+    Interrupted saves are first rolled forward (or discarded) by recovery. A minimal
+    `TrainingIteration` such as `epoch=10` selects by iteration instead of by tag.
+    """
+    folder = find_checkpoint_dir(run_dir)
+    recover_folder(folder)
+    required = list(required)
+    candidates = [s for s in scan_sets(folder, checksum=False) if s.group == group]
+    if not candidates:
+        groups = sorted({s.group for s in scan_sets(folder)})
+        raise FileNotFoundError(
+            f"no checkpoints of '{group}' in {folder}" + (f"; found: {', '.join(groups)}" if groups else "")
+        )
+    if tag is not None:
+        candidates = [s for s in candidates if _matches(s, tag)]
+        if not candidates:
+            raise FileNotFoundError(f"no checkpoint set of '{group}' matches {tag!s} in {folder}")
+    # newest first; on equal iterations prefer the rolling 'latest' (it is what resume writes)
+    candidates.sort(key=lambda s: (_sort_key(s)[:3], s.tag == "latest"), reverse=True)
+    skipped: list[tuple[str, str]] = []
+    for s in candidates:
+        reason = _unusable_reason(s, group, required)
+        if reason is None:
+            s.check(checksum=True)
+            if not s.ok:
+                reason = "; ".join(f"{k}: {v}" for k, v in s.problems.items())
+        if reason is None:
+            return s, skipped
+        skipped.append((s.tag, reason))
+    details = "; ".join(f"{t}: {r}" for t, r in skipped)
+    raise FileNotFoundError(f"no usable checkpoint set of '{group}' in {folder} ({details})")
+
+
+def _unusable_reason(s: CheckpointSet, group: str, required: list[tuple[str, str]]) -> str | None:
+    if not s.ok:
+        return "; ".join(f"{k}: {v}" for k, v in s.problems.items())
+    if s.file(group, "trainer") is None:
+        return "no trainer file (weights only, cannot resume training state)"
+    missing = [f"{n} {k}" for n, k in required if s.file(n, k) is None]
+    if missing:
+        return "missing " + ", ".join(missing)
+    return None
+
+

@@ -1,0 +1,123 @@
+"""Asynchronous set writing: snapshot now, write in a background thread, in order.
+
+Peak extra host memory is `max_pending` snapshot buffers, each as large as the tensors of the
+largest save so far (each tensor rounded up to 64 bytes). `submit()` blocks while all buffers
+are in flight, so a slow disk slows the saver rather than growing memory.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import queue
+import threading
+import weakref
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ksuit.storage.snapshot import SnapshotPool, take_snapshot
+from ksuit.storage.transaction import PendingFile, SetWriter, WrittenFile
+
+logger = logging.getLogger(__name__)
+
+
+class AsyncSetWriter:
+    """Queues sets for a `SetWriter` running in one background thread."""
+
+    def __init__(self, folder: str | Path, max_pending: int = 1):
+        self.set_writer = SetWriter(folder)
+        self.pool = SnapshotPool(max_pending)
+        self._queue: queue.Queue = queue.Queue()
+        self._errors: list[BaseException] = []
+        self._errors_lock = threading.Lock()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name=f"ksuit-writer:{folder}", daemon=True)
+        self._thread.start()
+        ref = weakref.ref(self)
+        self._atexit = lambda: (w := ref()) is not None and w._flush_at_exit()
+        atexit.register(self._atexit)
+
+    @property
+    def folder(self) -> Path:
+        return self.set_writer.folder
+
+    def submit(
+        self,
+        files: list[PendingFile],
+        run_id: str | None = None,
+        on_written: Callable[[list[WrittenFile]], None] | None = None,
+    ) -> None:
+        """Snapshots the payloads (waiting for a free buffer) and queues the write."""
+        if self._closed:
+            raise RuntimeError("this checkpoint writer is closed; create a new one to save again")
+        self.raise_pending_error()
+        buffer = self.pool.acquire()
+        try:
+            payloads = take_snapshot([f.payload for f in files], buffer)
+        except BaseException:
+            self.pool.release(buffer)
+            raise
+        snap_files = [
+            PendingFile(f.filename, p, f.fmt, f.kind, f.group, f.tag, f.training_iteration)
+            for f, p in zip(files, payloads, strict=True)
+        ]
+        self._queue.put((snap_files, run_id, on_written, buffer))
+
+    def _run(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                self._queue.task_done()
+                return
+            files, run_id, on_written, buffer = job
+            try:
+                written = self.set_writer.write_set(files, run_id)
+                if on_written is not None:
+                    on_written(written)
+            except BaseException as e:  # kept and re-raised on the caller's thread
+                logger.error("background checkpoint write to %s failed: %s", self.folder, e)
+                with self._errors_lock:
+                    self._errors.append(e)
+            finally:
+                del files
+                self.pool.release(buffer)
+                self._queue.task_done()
+
+    def raise_pending_error(self) -> None:
+        with self._errors_lock:
+            if not self._errors:
+                return
+            first, self._errors = self._errors[0], []
+        raise RuntimeError(f"a background checkpoint write failed: {first}") from first
+
+    def flush(self) -> None:
+        """Blocks until every queued set is on disk; re-raises the first background error."""
+        self._queue.join()
+        self.raise_pending_error()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        try:
+            self.flush()
+        finally:
+            self._closed = True
+            self._queue.put(None)
+            self._thread.join()
+            atexit.unregister(self._atexit)
+
+    def _flush_at_exit(self) -> None:
+        try:
+            self.close()
+        except Exception as e:  # pragma: no cover - reported, nothing else can be done at exit
+            logger.error("checkpoint writes pending at exit failed: %s", e)
+
+    def __del__(self) -> None:  # pragma: no cover
+        if not getattr(self, "_closed", True):
+            try:
+                self._queue.put(None)
+            except Exception:
+                pass
+
+

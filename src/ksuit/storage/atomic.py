@@ -1,0 +1,169 @@
+"""Atomic files: the crash-safety protocol of ksuit.
+
+Protocol
+--------
+A checkpoint save writes a *set* of files (weights, optimizer states, trainer state, for one
+tag or for a progress tag and `latest`). ksuit guarantees that after a crash at any instant,
+every tag names either its complete previous set or its complete new set, never a mix.
+
+1. **Stage.** Every new file, including the updated manifest of each (group, tag), is written
+   under a temporary name in the destination folder: `.<final name>.<random>.tmp`. Temporary
+   names start with '.' and never end in `.th`, so no reader mistakes them for checkpoints.
+   Bytes stream through an xxh3-64 hash while they are written; each file is fsynced. Before
+   staging, the free space of the folder is compared with the size the set will take, and a
+   short disk fails with ENOSPC naming the path, the bytes needed and the bytes free.
+2. **Journal.** A journal `.ksuit-journal.<seq>.json` listing every `(temporary, final)` rename
+   is itself written atomically (temp, fsync, rename, fsync of the folder). The instant its
+   rename lands is the commit point of the save.
+3. **Switch.** The renames are applied in order, manifests last, the folder is fsynced and the
+   journal is removed.
+4. **Recover.** When a writer starts on a folder (and before resume reads it), every journal
+   still present is rolled forward: renames whose temporary file still exists are applied
+   (those already applied left no temporary). Temporary files not named by a journal belong to
+   a save that never committed and are deleted. The previous set was never touched, so it
+   stands.
+
+A crash before the journal lands leaves the old set and some temporary files (deleted on
+recovery); a crash after leaves a journal that recovery completes. Either way each manifest
+describes exactly the files beside it, with sizes and checksums, and `ksuit verify` can prove it.
+
+This module holds the primitives: fsync of files and folders, the single-file atomic write and
+the hashing sink that every writer streams through.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import secrets
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import xxhash
+
+from ksuit.layout import temp_filename
+
+CHECKSUM_ALGORITHM = "xxh3_64"
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Makes a folder's entries (new names, renames, deletions) durable."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def disk_free_bytes(folder: str | Path) -> int:
+    return shutil.disk_usage(folder).free
+
+
+def enospc_error(path: str | Path, needed: int, free: int | None = None) -> OSError:
+    """An ENOSPC OSError that names the path, the bytes needed and the bytes free."""
+    if free is None:
+        try:
+            free = disk_free_bytes(Path(path).parent)
+        except OSError:
+            free = -1
+    err = OSError(
+        errno.ENOSPC,
+        f"No space left on device: writing {path} needs {needed} bytes but only {free} bytes are free; "
+        "free disk space or point the run at a larger disk (the previous checkpoint is intact)",
+        str(path),
+    )
+    return err
+
+
+def check_free_space(folder: str | Path, needed: int, what: str | Path | None = None) -> None:
+    """Raises ENOSPC before writing when `needed` bytes do not fit in `folder`."""
+    free = disk_free_bytes(folder)
+    if needed > free:
+        raise enospc_error(what or folder, needed, free)
+
+
+class HashingSink:
+    """A write-only binary file that hashes (xxh3-64) and counts every byte on its way out."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
+        self._hash = xxhash.xxh3_64()
+        self.nbytes = 0
+
+    def write(self, data) -> int:  # noqa: ANN001 - any buffer
+        view = memoryview(data).cast("B")
+        self._hash.update(view)
+        total = view.nbytes
+        written = 0
+        while written < total:
+            written += os.write(self._fd, view[written:])
+        self.nbytes += total
+        return total
+
+    def flush(self) -> None:
+        pass
+
+    def writable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.nbytes
+
+    def hexdigest(self) -> str:
+        return self._hash.hexdigest()
+
+    def fsync_and_close(self) -> None:
+        try:
+            os.fsync(self._fd)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def new_temp_path(final_path: Path) -> Path:
+    return final_path.with_name(temp_filename(final_path.name, secrets.token_hex(4)))
+
+
+def write_file_atomic(final_path: str | Path, write: Callable[[HashingSink], None]) -> tuple[int, str]:
+    """Writes one file atomically: temp name, fsync, rename, folder fsync.
+
+    Returns `(size, checksum)`. On any failure the temporary file is removed and the old file
+    (if any) is untouched; a full disk raises ENOSPC naming the path.
+    """
+    final_path = Path(final_path)
+    tmp = new_temp_path(final_path)
+    sink = HashingSink(tmp)
+    try:
+        write(sink)
+        sink.fsync_and_close()
+        os.replace(tmp, final_path)
+    except BaseException as e:
+        sink.close()
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            raise enospc_error(final_path, sink.nbytes) from e
+        raise
+    fsync_dir(final_path.parent)
+    return sink.nbytes, sink.hexdigest()
+
+
+def hash_file(path: str | Path, chunk_size: int = 16 << 20) -> tuple[int, str]:
+    """`(size, xxh3-64 hex digest)` of a file, read in large chunks."""
+    h = xxhash.xxh3_64()
+    size = 0
+    buf = bytearray(chunk_size)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while True:
+            n = f.readinto(buf)
+            if not n:
+                break
+            h.update(view[:n])
+            size += n
+    return size, h.hexdigest()

@@ -1,0 +1,1 @@
+"""Domain helpers: pure types with no I/O."""

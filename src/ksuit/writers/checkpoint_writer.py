@@ -1,0 +1,304 @@
+"""`CheckpointWriter`: writes a model, its optimizers and the trainer as a structured set of files.
+
+File names come from `ksuit.layout`; bytes reach the disk through `ksuit.storage` (atomic,
+checksummed, optionally asynchronous). This module only decides *what* is written.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch.distributed as dist
+
+from ksuit.layout import (
+    LATEST,
+    checkpoint_filename,
+    parse_checkpoint_filename,
+    validate_output_name,
+    validate_tag,
+)
+from ksuit.models.base import CompositeModel, ModelBase, unwrap_check
+from ksuit.schemas.models import ModelBaseConfig
+from ksuit.storage.async_writer import AsyncSetWriter
+from ksuit.storage.formats import format_of_path, get_format
+from ksuit.storage.transaction import PendingFile, SetWriter, WrittenFile
+from ksuit.writers.payload import check_plain, check_state_dict
+
+if TYPE_CHECKING:
+    from ksuit.providers import PathProvider
+    from ksuit.trainers import BaseTrainer
+    from ksuit.utils.training import UpdateCounter
+
+
+class CheckpointKeys(enum.StrEnum):
+    """Defines the standard, possible keys in the checkpoint dict."""
+
+    STATE_DICT = "state_dict"
+    """The pytorch state dict of the model. I.e. the model weights/tensors/buffers."""
+    CHECKPOINT_TAG = "checkpoint_tag"
+    """The checkpoint tag, e.g., "E10_U200_S800" or "latest"."""
+    TRAINING_ITERATION = "training_iteration"
+    """The detailed information about training iteration as a dict with keys 'epoch', 'update', and 'sample'."""
+    RUN_ID = "run_id"
+    """The ID of the run from which this checkpoint was created."""
+    MODEL_CONFIG = "model_config"
+    """The model configuration used to instantiate the model. A serialized dict of the pydantic model config."""
+    CONFIG_KIND = "config_kind"
+    """The kind (i.e., class path) of the model configuration. Used to instantiate the correct model configuration."""
+    CALLBACK_STATE_DICTS = "callback_state_dicts"
+    """The state dicts of the callbacks."""
+    GRAD_SCALER = "grad_scaler"
+    """The state dict of the grad scaler (if used)."""
+
+
+_RESERVED_EXTRA = {
+    CheckpointKeys.TRAINING_ITERATION,
+    CheckpointKeys.RUN_ID,
+    CheckpointKeys.CONFIG_KIND,
+}
+
+
+def _is_writing_rank() -> bool:
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+class CheckpointWriter:
+    """Class to easily write checkpoints in a structured way to the disk.
+
+    Each model is stored in a separate file, weights and optimizer state in separate files too,
+    so runs keep only the files they need (e.g. encoder weights every 10 epochs, plus the
+    `latest` weights and optimizer states of every submodel to resume).
+
+    Args:
+        path_provider: where the run writes (`checkpoint_path`) and its `run_id`.
+        update_counter: the training progress recorded in every file.
+        async_save: snapshot tensors into reused host buffers and write in a background thread;
+            `flush()` waits for pending writes and re-raises a failure.
+        max_pending: at most this many snapshots exist at once (async only); the next save waits.
+        format: "torch" (`.th`) or "safetensors" for weights files; optimizer and trainer files
+            are always `.th`.
+    """
+
+    def __init__(
+        self,
+        path_provider: PathProvider,
+        update_counter: UpdateCounter,
+        *,
+        async_save: bool = False,
+        max_pending: int = 1,
+        format: str = "torch",  # noqa: A002 - the documented option name
+    ):
+        if not hasattr(path_provider, "checkpoint_path") or not hasattr(path_provider, "run_id"):
+            raise TypeError(
+                f"path_provider must be a ksuit.providers.PathProvider, got {type(path_provider).__name__}"
+            )
+        if not hasattr(update_counter, "cur_iteration"):
+            raise TypeError(
+                f"update_counter must be a ksuit.utils.training.UpdateCounter, got {type(update_counter).__name__}"
+            )
+        get_format(format)
+        if not isinstance(max_pending, int) or isinstance(max_pending, bool) or max_pending < 1:
+            raise ValueError(f"max_pending must be an int >= 1, got {max_pending!r}")
+        self.logger = logging.getLogger(__name__)
+        self.path_provider = path_provider
+        self.update_counter = update_counter
+        self.async_save = bool(async_save)
+        self.max_pending = max_pending
+        self.format = format
+        self._sync_writer: SetWriter | None = None
+        self._async_writer: AsyncSetWriter | None = None
+
+    # ---- public API -------------------------------------------------------------------------
+    def save_model_checkpoint(
+        self,
+        output_name: str,
+        state_dict: dict[str, Any],
+        checkpoint_tag: str,
+        model_config: ModelBaseConfig | None = None,
+        **extra: Any,
+    ) -> None:
+        """Save a checkpoint to disk.
+
+        Args:
+            output_name: Output name of the checkpoint (including an extension).
+            state_dict: Model state dict to save.
+            checkpoint_tag: Checkpoint tag, for example "latest" or "E10_U200_S800".
+            model_config: Model configuration. Defaults to None.
+            **extra: further plain values stored in the checkpoint dict.
+
+        Raises:
+            RuntimeError: in case of an unexpected error while parsing model_config.
+        """
+        validate_output_name(output_name)
+        validate_tag(checkpoint_tag)
+        payload = self._model_payload(state_dict, checkpoint_tag, model_config, extra)
+        parsed = parse_checkpoint_filename(output_name)
+        fmt = format_of_path(output_name)
+        pending = PendingFile(
+            filename=output_name,
+            payload=payload,
+            fmt=fmt,
+            kind=parsed.kind if parsed else "model",
+            group=parsed.group if parsed else None,
+            tag=parsed.tag if parsed else None,
+            training_iteration=payload[CheckpointKeys.TRAINING_ITERATION],
+        )
+        if _is_writing_rank():
+            self._submit([pending])
+
+    def save(
+        self,
+        model: ModelBase,
+        checkpoint_tag: str,
+        trainer: BaseTrainer | None = None,
+        save_weights: bool = True,
+        save_optim: bool = True,
+        save_latest_weights: bool = False,
+        save_latest_optim: bool = False,
+        model_names_to_save: list[str] | None = None,
+        save_frozen_weights: bool = True,
+    ) -> None:
+        """Saves a model to the disk.
+
+        Args:
+            model: Model to save.
+            checkpoint_tag: Checkpoint tag, for example "latest" or "E10_U200_S800".
+            trainer: If defined, also stores the state_dict of the trainer (and callbacks).
+            save_weights: If true, stores model weights.
+            save_optim: If true, stores optimizer states.
+            save_latest_weights: If true, also stores the weights with the checkpoint identifier
+                "latest". This file will be repeatedly overwritten throughout a training procedure.
+            save_latest_optim: If true, also stores the optimizer states with the checkpoint
+                identifier "latest". This file will be repeatedly overwritten throughout a training
+                procedure.
+            model_names_to_save: If defined, only store some of the submodels of a CompositeModel.
+            save_frozen_weights: If true, also stores the weights of frozen models.
+        """
+        unwrap_check(model)
+        validate_tag(checkpoint_tag)
+        if trainer is not None and not callable(getattr(trainer, "state_dict", None)):
+            raise TypeError(f"trainer must have a state_dict() method, got {type(trainer).__name__}")
+        leaves = self._select_leaves(model, model_names_to_save)
+        # every rank takes part: trainer.state_dict() may gather RNG states collectively
+        trainer_state = trainer.state_dict() if trainer is not None else None
+        if trainer_state is not None:
+            check_state_dict(trainer_state, where="trainer.state_dict()")
+        if not _is_writing_rank():
+            return
+
+        plans = [(checkpoint_tag, save_weights, save_optim)]
+        if save_latest_weights or save_latest_optim:
+            if checkpoint_tag == LATEST:
+                plans = [(LATEST, save_weights or save_latest_weights, save_optim or save_latest_optim)]
+            else:
+                plans.append((LATEST, save_latest_weights, save_latest_optim))
+
+        iteration = dict(self.update_counter.cur_iteration)
+        files: list[PendingFile] = []
+        for tag, want_weights, want_optim in plans:
+            for name, leaf in leaves:
+                if want_weights and (save_frozen_weights or not leaf.is_frozen):
+                    payload = self._model_payload(leaf.state_dict(), tag, leaf.model_config, {})
+                    filename = checkpoint_filename(name, tag, "model", fmt=self.format)
+                    files.append(PendingFile(filename, payload, self.format, "model", model.name, tag, iteration))
+                if want_optim and leaf.optimizer is not None:
+                    optim_state = leaf.optimizer.state_dict()
+                    filename = checkpoint_filename(name, tag, "optim")
+                    files.append(PendingFile(filename, optim_state, "torch", "optim", model.name, tag, iteration))
+            if trainer_state is not None and (tag == checkpoint_tag or want_weights or want_optim):
+                filename = checkpoint_filename(model.name, tag, "trainer")
+                files.append(PendingFile(filename, trainer_state, "torch", "trainer", model.name, tag, iteration))
+        self._submit(files)
+
+    def flush(self) -> None:
+        """Blocks until every pending asynchronous save is on disk; re-raises a failed one."""
+        if self._async_writer is not None:
+            self._async_writer.flush()
+
+    def close(self) -> None:
+        """Flushes and stops the background writer (a later save starts a new one)."""
+        if self._async_writer is not None:
+            writer, self._async_writer = self._async_writer, None
+            writer.close()
+
+    def __enter__(self) -> CheckpointWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- internals --------------------------------------------------------------------------
+    def _model_payload(
+        self,
+        state_dict: dict[str, Any],
+        checkpoint_tag: str,
+        model_config: ModelBaseConfig | None,
+        extra: dict[str, Any],
+    ) -> dict[str, Any]:
+        check_state_dict(state_dict)
+        reserved = sorted(k for k in extra if k in _RESERVED_EXTRA)
+        if reserved:
+            raise ValueError(f"extra keys {reserved} are reserved: ksuit fills them in itself")
+        check_plain(extra, "extra")
+        payload: dict[str, Any] = {
+            CheckpointKeys.STATE_DICT.value: state_dict,
+            CheckpointKeys.CHECKPOINT_TAG.value: checkpoint_tag,
+            CheckpointKeys.TRAINING_ITERATION.value: dict(self.update_counter.cur_iteration),
+            CheckpointKeys.RUN_ID.value: self.path_provider.run_id,
+        }
+        if model_config is not None:
+            if not isinstance(model_config, ModelBaseConfig):
+                raise TypeError(
+                    f"model_config must be a ModelBaseConfig instance, got {type(model_config).__name__}"
+                )
+            try:
+                payload[CheckpointKeys.MODEL_CONFIG.value] = model_config.model_dump(mode="json")
+            except Exception as e:
+                raise RuntimeError(f"could not serialize model_config of '{model_config.name}': {e}") from e
+            payload[CheckpointKeys.CONFIG_KIND.value] = model_config.config_kind
+        payload.update({str(k): v for k, v in extra.items()})
+        return payload
+
+    @staticmethod
+    def _select_leaves(model: ModelBase, names: list[str] | None) -> list[tuple[str, ModelBase]]:
+        leaves = list(model.iter_leaves())
+        if names is None:
+            return leaves
+        if isinstance(names, str) or not all(isinstance(n, str) for n in names):
+            raise TypeError(f"model_names_to_save must be a list of str, got {names!r}")
+        # a name selects a leaf or every leaf below a composite, by key path or by full name
+        selectable: dict[str, list[str]] = {model.name: [n for n, _ in leaves]}
+        if isinstance(model, CompositeModel):
+            for key, full, _sub in model.iter_submodels():
+                below = [n for n, _ in leaves if n == full or n.startswith(full + ".")]
+                selectable[key] = below
+                selectable[full] = below
+        unknown = [n for n in names if n not in selectable]
+        if unknown:
+            known = ", ".join(sorted(selectable))
+            raise ValueError(f"unknown submodel {', '.join(repr(u) for u in unknown)} of '{model.name}'; known: {known}")
+        wanted = {leaf for n in names for leaf in selectable[n]}
+        return [(n, leaf) for n, leaf in leaves if n in wanted]
+
+    def _submit(self, files: list[PendingFile]) -> None:
+        if not files:
+            return
+        folder = Path(self.path_provider.checkpoint_path)
+        run_id = self.path_provider.run_id
+        if self.async_save:
+            if self._async_writer is None or self._async_writer.folder != folder:
+                if self._async_writer is not None:
+                    self._async_writer.close()
+                self._async_writer = AsyncSetWriter(folder, self.max_pending)
+            self._async_writer.submit(files, run_id, on_written=self._log_written)
+        else:
+            if self._sync_writer is None or self._sync_writer.folder != folder:
+                self._sync_writer = SetWriter(folder)
+            self._log_written(self._sync_writer.write_set(files, run_id))
+
+    def _log_written(self, written: list[WrittenFile]) -> None:
+        for w in written:
+            self.logger.info("wrote %s (%s bytes, %.3fs)", w.path, w.size, w.seconds)
