@@ -1,0 +1,58 @@
+"""Fixtures shared by the whole suite."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ksuit.providers import PathProvider
+from ksuit.utils.training import TrainingIteration, UpdateCounter
+from ksuit.zoo.autoencoder import AutoencoderConfig, DecoderConfig, EncoderConfig
+
+ADAMW = {"kind": "torch.optim.AdamW", "lr": 1e-3, "weight_decay": 0.05}
+
+
+def autoencoder_config(freeze_encoder: bool = False, optim: bool = True) -> AutoencoderConfig:
+    opt = ADAMW if optim else None
+    return AutoencoderConfig(
+        encoder=EncoderConfig(input_dim=16, hidden_dim=32, latent_dim=4, optimizer_config=opt),
+        decoder=DecoderConfig(latent_dim=4, hidden_dim=32, output_dim=16, optimizer_config=opt),
+        freeze_encoder=freeze_encoder,
+    )
+
+
+def train_one_step(model) -> None:
+    """One AdamW step on every submodel, so optimizer state is non-empty."""
+    x = torch.randn(4, 16)
+    loss = ((model(x) - x) ** 2).mean()
+    loss.backward()
+    for _, leaf in model.iter_leaves():
+        if leaf.optimizer is not None:
+            leaf.optimizer.step()
+            leaf.optimizer.zero_grad()
+
+
+class FakeTrainer:
+    """Anything with state_dict() is accepted as trainer by CheckpointWriter.save."""
+
+    def __init__(self, update_counter: UpdateCounter):
+        self.update_counter = update_counter
+        self.calls = 0
+
+    def state_dict(self) -> dict:
+        self.calls += 1
+        return {
+            "callback_state_dicts": {"cb": {"best": 0.5}},
+            "training_iteration": dict(self.update_counter.cur_iteration),
+            "rng": {"torch": torch.get_rng_state()},
+        }
+
+
+@pytest.fixture
+def path_provider(tmp_path) -> PathProvider:
+    return PathProvider(tmp_path / "out", "run1")
+
+
+@pytest.fixture
+def update_counter() -> UpdateCounter:
+    return UpdateCounter(None, TrainingIteration(epoch=30), updates_per_epoch=20, effective_batch_size=4)
