@@ -82,6 +82,18 @@ class SnapshotBuffer:
         return sum(b.numel() for b in self.buffers)
 
 
+def exact_region(flat: torch.Tensor, nbytes: int) -> torch.Tensor:
+    """The first `nbytes` of `flat` as a tensor whose *storage* is exactly that long.
+
+    `torch.save` writes a tensor's whole storage; a plain slice of a reused, larger buffer would
+    put stale bytes of earlier saves into the file. `frombuffer` shares the memory (no copy) and
+    keeps `flat` alive.
+    """
+    if nbytes == 0:
+        return torch.empty(0, dtype=torch.uint8)
+    return torch.frombuffer(memoryview(flat.numpy()), dtype=torch.uint8, count=nbytes)
+
+
 def take_snapshot(payloads: list[Any], buffer: SnapshotBuffer) -> list[Any]:
     """Copies of `payloads` whose tensors live in `buffer`; containers are rebuilt."""
     copies: dict[tuple, torch.Tensor] = {}
@@ -89,7 +101,7 @@ def take_snapshot(payloads: list[Any], buffer: SnapshotBuffer) -> list[Any]:
     for index, payload in enumerate(payloads):
         layout, total, cuda = plan_snapshot(payload)
         any_cuda = any_cuda or cuda
-        flat = buffer.ensure(index, total, pinned=cuda)
+        flat = exact_region(buffer.ensure(index, total, pinned=cuda), total)
         for key, (src, offset) in layout.items():
             nbytes = src.numel() * src.element_size()
             dst = flat[offset : offset + nbytes].view(src.dtype).view(src.shape)

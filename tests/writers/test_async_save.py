@@ -1,0 +1,232 @@
+"""Asynchronous saving through `CheckpointWriter(async_save=True)`: snapshots, order, errors,
+backpressure, buffer reuse and the flush at interpreter exit."""
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from ksuit.readers import list_checkpoints, select_resume_set
+from ksuit.storage import formats as formats_module
+from ksuit.storage.formats import TorchFormat
+from ksuit.storage.loading import load_file
+from ksuit.storage.manifest import read_manifest, verify_file
+from ksuit.writers import CheckpointWriter
+from ksuit.zoo.autoencoder import Autoencoder
+from tests.conftest import FakeTrainer, autoencoder_config, train_one_step
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+class GatedFormat(TorchFormat):
+    """A torch format whose writes wait for `gate`, so a test controls when the disk 'catches up'."""
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+        self.started = threading.Event()
+        self.writes = 0
+
+    def write(self, payload, sink) -> None:
+        self.started.set()
+        assert self.gate.wait(30), "test never opened the gate"
+        self.writes += 1
+        super().write(payload, sink)
+
+
+class FailingFormat(TorchFormat):
+    def write(self, payload, sink) -> None:
+        raise OSError(5, "simulated I/O error during background write")
+
+
+@pytest.fixture
+def model():
+    m = Autoencoder(autoencoder_config()).initialize()
+    train_one_step(m)
+    return m
+
+
+@pytest.fixture
+def gated(monkeypatch):
+    fmt = GatedFormat()
+    monkeypatch.setitem(formats_module.FORMATS, "torch", fmt)
+    yield fmt
+    fmt.gate.set()
+
+
+def _weights(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_file_holds_values_at_save_time_while_training_changes_them(
+    path_provider, update_counter, model, gated
+):
+    writer = CheckpointWriter(path_provider, update_counter, async_save=True)
+    before = _weights(model.encoder)
+    optim_before = model.encoder.optimizer.state_dict()["state"][0]["exp_avg"].clone()
+    writer.save(model, "E1_U20_S80")  # returns while the write waits on the gate
+    assert gated.started.wait(10)
+    with torch.no_grad():  # training continues in place
+        for p in model.parameters():
+            p.add_(1000.0)
+        model.encoder.optimizer.state_dict()["state"][0]["exp_avg"].add_(5.0)
+    gated.gate.set()
+    writer.flush()
+    folder = path_provider.checkpoint_path
+    saved = load_file(folder / "autoencoder.encoder_cp=E1_U20_S80_model.th")["state_dict"]
+    for key, value in before.items():
+        assert torch.equal(saved[key], value), key
+    optim = load_file(folder / "autoencoder.encoder_cp=E1_U20_S80_optim.th")
+    assert torch.equal(optim["state"][0]["exp_avg"], optim_before)
+    writer.close()
+
+
+def test_snapshot_buffers_are_reused_across_saves(path_provider, update_counter, model):
+    writer = CheckpointWriter(path_provider, update_counter, async_save=True, max_pending=1)
+    ptrs = []
+    for i in range(3):
+        writer.save(model, f"E{i}_U0_S0", save_latest_weights=True)
+        writer.flush()
+        (buffer,) = writer._async_writer.pool._free
+        ptrs.append([b.data_ptr() for b in buffer.buffers])
+    assert ptrs[0] and ptrs[0] == ptrs[1] == ptrs[2]
+    writer.close()
+
+
+def test_saves_complete_in_order_and_latest_is_the_newest(path_provider, update_counter, model, gated):
+    writer = CheckpointWriter(path_provider, update_counter, async_save=True, max_pending=3)
+    gated.gate.set()
+    expected = None
+    for epoch in range(1, 6):
+        update_counter.next_epoch()
+        with torch.no_grad():
+            for p in model.parameters():
+                p.fill_(float(epoch))
+        expected = _weights(model.decoder)
+        writer.save(model, f"E{epoch}_U0_S0", save_latest_weights=True, save_latest_optim=True)
+    writer.close()
+    folder = path_provider.checkpoint_path
+    latest = load_file(folder / "autoencoder.decoder_cp=latest_model.th")
+    assert latest["training_iteration"]["epoch"] == 5
+    for key, value in expected.items():
+        assert torch.equal(latest["state_dict"][key], value)
+    manifest = read_manifest(folder / "autoencoder_cp=latest.manifest.json")
+    assert manifest.training_iteration["epoch"] == 5
+    for name, entry in manifest.files.items():
+        assert verify_file(folder, name, entry) is None, name
+    tags = {c.tag for c in list_checkpoints(path_provider.run_output_path)}
+    assert tags == {"E1_U0_S0", "E2_U0_S0", "E3_U0_S0", "E4_U0_S0", "E5_U0_S0", "latest"}
+
+
+def test_backpressure_at_most_max_pending_snapshots(path_provider, update_counter, model, gated):
+    writer = CheckpointWriter(path_provider, update_counter, async_save=True, max_pending=2)
+    done = []
+
+    def saver():
+        for i in range(4):
+            writer.save(model, f"E{i}_U0_S0")
+            done.append(i)
+
+    t = threading.Thread(target=saver, daemon=True)
+    t.start()
+    time.sleep(1.0)
+    # the first save is being written (blocked on the gate), the second waits in the queue;
+    # both buffers are in flight, so the third save() must wait
+    assert done == [0, 1]
+    assert len(writer._async_writer.pool._free) == 0
+    gated.gate.set()
+    t.join(30)
+    assert done == [0, 1, 2, 3]
+    writer.flush()
+    assert len(writer._async_writer.pool._free) == 2  # never more than max_pending buffers
+    writer.close()
+
+
+def test_failed_background_write_raises_on_next_save_and_flush(
+    path_provider, update_counter, model, monkeypatch
+):
+    monkeypatch.setitem(formats_module.FORMATS, "torch", FailingFormat())
+    writer = CheckpointWriter(path_provider, update_counter, async_save=True)
+    writer.save(model, "E1_U0_S0")  # returns; the failure happens in the background
+    with pytest.raises(RuntimeError, match="background checkpoint write failed"):
+        writer.flush()
+    writer.save(model, "E2_U0_S0")
+    time.sleep(0.5)
+    with pytest.raises(RuntimeError, match="simulated I/O error"):
+        writer.save(model, "E3_U0_S0")
+    folder = path_provider.checkpoint_path
+    assert not [p for p in folder.iterdir() if p.name.endswith(".th")]
+    assert not [p for p in folder.iterdir() if p.name.endswith(".tmp")]  # temps removed
+    monkeypatch.setitem(formats_module.FORMATS, "torch", TorchFormat())
+    writer.save(model, "E4_U0_S0")  # the writer is usable again once the error was reported
+    writer.close()
+    assert (folder / "autoencoder.encoder_cp=E4_U0_S0_model.th").exists()
+
+
+def test_close_flushes_and_rejects_later_saves_on_the_old_worker(path_provider, update_counter, model, gated):
+    writer = CheckpointWriter(path_provider, update_counter, async_save=True)
+    writer.save(model, "E1_U0_S0", trainer=FakeTrainer(update_counter))
+    threading.Timer(0.3, gated.gate.set).start()
+    writer.close()  # waits for the gated write
+    s, skipped = select_resume_set(path_provider.run_output_path, "autoencoder")
+    assert s.tag == "E1_U0_S0" and s.ok
+
+
+_EXIT_SCRIPT = """
+import sys, time, torch
+sys.path.insert(0, {repo!r})
+from ksuit.providers import PathProvider
+from ksuit.utils.training import TrainingIteration, UpdateCounter
+from ksuit.storage import formats
+from ksuit.writers import CheckpointWriter
+
+class Slow(formats.TorchFormat):
+    def write(self, payload, sink):
+        time.sleep(0.3)
+        super().write(payload, sink)
+
+formats.FORMATS["torch"] = Slow()
+uc = UpdateCounter(None, TrainingIteration(epoch=3), updates_per_epoch=2, effective_batch_size=1)
+w = CheckpointWriter(PathProvider({out!r}, "run"), uc, async_save=True, max_pending=2)
+for i in range(3):
+    tag = f"E{{i}}_U0_S0"
+    w.save_model_checkpoint(f"net_cp={{tag}}_model.th", {{"w": torch.full((256, 256), float(i))}}, tag)
+print("returned", flush=True)
+"""
+
+
+def test_interpreter_exit_flushes_pending_saves(tmp_path):
+    out = tmp_path / "out"
+    script = _EXIT_SCRIPT.format(repo=str(REPO / "src"), out=str(out))
+    start = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(REPO / "src")},
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert time.perf_counter() - start > 0.9  # the three slow writes ran before exit
+    folder = out / "run" / "checkpoints"
+    for i in range(3):
+        payload = torch.load(folder / f"net_cp=E{i}_U0_S0_model.th", weights_only=True)
+        assert torch.equal(payload["state_dict"]["w"], torch.full((256, 256), float(i)))
+        manifest = read_manifest(folder / f"net_cp=E{i}_U0_S0.manifest.json")
+        assert set(manifest.files) == {f"net_cp=E{i}_U0_S0_model.th"}
+    assert not [p for p in folder.iterdir() if p.name.startswith(".")]
+
+
+def test_async_files_carry_no_stale_bytes_of_earlier_larger_saves(path_provider, update_counter):
+    writer = CheckpointWriter(path_provider, update_counter, async_save=True)
+    writer.save_model_checkpoint("big_cp=E0_U0_S0_model.th", {"w": torch.ones(1 << 20)}, "E0_U0_S0")
+    writer.flush()
+    writer.save_model_checkpoint("small_cp=E0_U0_S0_model.th", {"w": torch.ones(10)}, "E0_U0_S0")
+    writer.close()
+    folder = path_provider.checkpoint_path
+    assert (folder / "small_cp=E0_U0_S0_model.th").stat().st_size < 64 * 1024
+    assert torch.equal(load_file(folder / "small_cp=E0_U0_S0_model.th")["state_dict"]["w"], torch.ones(10))
