@@ -1,0 +1,179 @@
+"""`ksuit ls`, `ksuit inspect`, `ksuit verify`: what a run holds, what a file holds, and
+whether every checkpoint set of a run is whole.
+
+Exit codes: 0 all good; 1 a set or file is incomplete, corrupt or unsafe; 2 the arguments are
+wrong (missing folder or file, not a run folder). Errors are one line on stderr, no traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ksuit.cli import app
+from ksuit.readers import find_checkpoint_dir, list_checkpoints, scan_sets
+from ksuit.storage import CorruptCheckpointError, UnsafeCheckpointError, load_file, read_metadata
+from ksuit.storage.transaction import recover_folder
+
+T = TypeVar("T")
+
+
+def _console() -> Console:
+    # wide when not a terminal, so names are never cut in pipes, logs and tests
+    return Console(width=None if sys.stdout.isatty() else 240, highlight=False)
+
+
+def _fail(message: str, code: int) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(code)
+
+
+def _call(fn: Callable[[], T]) -> T:
+    """Runs `fn`; a usage problem (missing/wrong folder or file) exits 2 with its message."""
+    try:
+        return fn()
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, ValueError) as e:
+        raise _fail(str(e).splitlines()[0] if str(e) else type(e).__name__, 2) from None
+    except OSError as e:
+        raise _fail(f"{e.filename or ''} {e.strerror or e}".strip(), 2) from None
+
+
+def human_bytes(n: int) -> str:
+    """`1536` -> `1.5 KiB`."""
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+@app.command("ls")
+def ls_command(run_dir: Path = typer.Argument(..., help="run folder (<output_root>/<run_id>)")) -> None:
+    """List every checkpoint file of a run: model, tag, kind, iteration and size."""
+    infos = _call(lambda: list_checkpoints(run_dir))
+    folder = _call(lambda: find_checkpoint_dir(run_dir))
+    table = Table(title=str(folder))
+    for column in ("model", "tag", "kind", "iteration", "format"):
+        table.add_column(column)
+    table.add_column("size", justify="right")
+    for info in infos:
+        it = str(info.training_iteration) if info.training_iteration is not None else "?"
+        model = f"{info.model_name} [{info.info}]" if info.info else info.model_name
+        table.add_row(model, info.tag, info.kind, it, info.format, human_bytes(info.size_bytes))
+    console = _console()
+    console.print(table)
+    total = sum(i.size_bytes for i in infos)
+    console.print(f"{len(infos)} files, total {human_bytes(total)} ({total} bytes)")
+
+
+def _tensor_rows(obj: Any, prefix: str = "") -> list[tuple[str, list[int], str, int]]:
+    """`(dotted name, shape, dtype, bytes)` for every tensor description in read_metadata's output."""
+    if isinstance(obj, dict) and set(obj) == {"shape", "dtype", "nbytes"}:
+        return [(prefix, obj["shape"], obj["dtype"], obj["nbytes"])]
+    rows = []
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            rows.extend(_tensor_rows(value, f"{prefix}.{key}" if prefix else str(key)))
+    elif isinstance(obj, list):
+        for i, value in enumerate(obj):
+            rows.extend(_tensor_rows(value, f"{prefix}.{i}" if prefix else str(i)))
+    return rows
+
+
+def _has_tensor(obj: Any) -> bool:
+    return bool(_tensor_rows(obj))
+
+
+@app.command("inspect")
+def inspect_command(
+    file: Path = typer.Argument(..., help="a checkpoint file (.th or .safetensors)"),
+    max_tensors: int = typer.Option(200, help="show at most this many tensors (0: all)"),
+) -> None:
+    """Show a checkpoint file's metadata and its tensors (name, shape, dtype, bytes).
+
+    Tensor data is never read: `.th` files are memory-mapped and safetensors files are read up
+    to their header. Files are loaded with weights_only=True only; an unsafe file is refused.
+    """
+    if not file.is_file():
+        raise _fail(
+            f"{file} is not a file; pass a checkpoint file such as <run>/checkpoints/x_cp=latest_model.th", 2
+        )
+    try:
+        meta = read_metadata(file)
+    except (CorruptCheckpointError, UnsafeCheckpointError) as e:
+        raise _fail(str(e).splitlines()[0], 1) from None
+    console = _console()
+    console.print(f"[bold]{file}[/bold] ({human_bytes(file.stat().st_size)})")
+    if isinstance(meta, dict):
+        for key, value in meta.items():
+            if not _has_tensor(value):
+                console.print(f"  {key}: {value!r}")
+    rows = _tensor_rows(meta)
+    table = Table(title=f"{len(rows)} tensors")
+    table.add_column("name")
+    table.add_column("shape")
+    table.add_column("dtype")
+    table.add_column("bytes", justify="right")
+    shown = rows if max_tensors <= 0 else rows[:max_tensors]
+    for name, shape, dtype, nbytes in shown:
+        table.add_row(name, str(tuple(shape)), dtype, str(nbytes))
+    console.print(table)
+    if len(shown) < len(rows):
+        console.print(f"... {len(rows) - len(shown)} more tensors (--max-tensors 0 shows all)")
+    console.print(f"tensor bytes: {human_bytes(sum(r[3] for r in rows))}")
+
+
+@app.command("verify")
+def verify_command(run_dir: Path = typer.Argument(..., help="run folder (<output_root>/<run_id>)")) -> None:
+    """Check every checkpoint set of a run: presence, sizes, checksums and loadability.
+
+    Interrupted saves are first completed or discarded (recovery). Exit code 1 when any set
+    is incomplete or any file is corrupt or unsafe, 0 otherwise.
+    """
+    folder = _call(lambda: find_checkpoint_dir(run_dir))
+    report = _call(lambda: recover_folder(folder))
+    sets = _call(lambda: scan_sets(folder, checksum=True))
+    for s in sets:
+        for name, info in sorted(s.files.items()):
+            if name in s.problems:
+                continue
+            try:
+                load_file(info.path, map_location="cpu", mmap=info.format == "torch")
+            except (CorruptCheckpointError, UnsafeCheckpointError, OSError) as e:
+                s.problems[name] = str(e).splitlines()[0]
+    console = _console()
+    if report.rolled_forward or report.removed_temps:
+        console.print(
+            f"recovery: completed {len(report.rolled_forward)} interrupted renames, "
+            f"removed {len(report.removed_temps)} temporary files"
+        )
+    table = Table(title=str(folder))
+    for column in ("group", "tag", "iteration", "files"):
+        table.add_column(column)
+    table.add_column("size", justify="right")
+    table.add_column("status")
+    for s in sets:
+        it = s.training_iteration
+        table.add_row(
+            s.group,
+            s.tag,
+            str(it) if it is not None else "?",
+            str(len(s.manifest.files) if s.manifest else len(s.files)),
+            human_bytes(s.size_bytes),
+            "OK" if s.ok else "[red]BAD[/red]",
+        )
+    console.print(table)
+    bad = [s for s in sets if not s.ok]
+    for s in bad:
+        for name, problem in s.problems.items():
+            console.print(f"{s.group}@{s.tag}: {name}: {problem}", markup=False)
+    console.print(f"{len(sets)} sets, {len(bad)} with problems")
+    if bad:
+        raise typer.Exit(1)
