@@ -27,6 +27,7 @@ class GatedFormat(TorchFormat):
     """A torch format whose writes wait for `gate`, so a test controls when the disk 'catches up'."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.gate = threading.Event()
         self.started = threading.Event()
         self.writes = 0

@@ -14,7 +14,6 @@ import threading
 import weakref
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from ksuit.storage.snapshot import SnapshotPool, take_snapshot
 from ksuit.storage.transaction import PendingFile, SetWriter, WrittenFile
@@ -119,5 +118,3 @@ class AsyncSetWriter:
                 self._queue.put(None)
             except Exception:
                 pass
-
-

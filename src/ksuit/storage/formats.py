@@ -1,8 +1,10 @@
 """File formats: how a payload dict becomes bytes, and how to read it back.
 
-`torch`: the zip format `torch.save` writes and `torch.load(weights_only=True)` reads, with
-CRC computation switched off (it cost half the save time; ksuit's own xxh3 checksums in the
-manifest cover the whole file instead).
+`torch`: the zip format `torch.save` writes and `torch.load(weights_only=True)` reads, written
+by ksuit's own streaming writer (`ksuit.storage.torch_zip`): the same records, no CRC over the
+tensor bytes (it cost half the save time; ksuit's xxh3 checksum in the manifest covers the
+whole file instead), and no change to torch's global serialization config from a background
+thread. `TorchFormat(engine="torch.save")` uses `torch.save` itself (CRC off) instead.
 `safetensors`: for weights files only: the tensors of `state_dict` in the safetensors layout,
 every other payload key JSON-encoded in the header's `__metadata__`.
 """
@@ -15,6 +17,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+
+from ksuit.storage.torch_zip import write_torch_zip
 
 try:  # torch >= 2.6
     from torch.utils.serialization import config as _serialization_config
@@ -57,11 +61,21 @@ def tensor_payload_nbytes(payload: Any) -> int:
 
 
 class TorchFormat:
+    """`.th` files: torch's zip format, loadable by plain `torch.load(weights_only=True)`."""
+
     name = "torch"
     extension = "th"
+    ENGINES = ("direct", "torch.save")
+
+    def __init__(self, engine: str = "direct"):
+        if engine not in self.ENGINES:
+            raise ValueError(f"unknown torch format engine {engine!r}; known: {', '.join(self.ENGINES)}")
+        self.engine = engine
 
     def write(self, payload: dict[str, Any], sink: Any) -> None:
-        if _serialization_config is not None:
+        if self.engine == "direct":
+            write_torch_zip(payload, sink)
+        elif _serialization_config is not None:
             with _serialization_config.patch({"save.compute_crc32": False}):
                 torch.save(payload, sink)
         else:  # pragma: no cover
@@ -85,8 +99,13 @@ SAFETENSORS_DTYPES = {
     torch.uint8: "U8",
     torch.bool: "BOOL",
 }
-for _name, _code in (("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2"), ("uint16", "U16"),
-                     ("uint32", "U32"), ("uint64", "U64")):
+for _name, _code in (
+    ("float8_e4m3fn", "F8_E4M3"),
+    ("float8_e5m2", "F8_E5M2"),
+    ("uint16", "U16"),
+    ("uint32", "U32"),
+    ("uint64", "U64"),
+):
     if hasattr(torch, _name):
         SAFETENSORS_DTYPES[getattr(torch, _name)] = _code
 
@@ -111,7 +130,9 @@ class SafetensorsFormat:
                     f"{type(value).__name__}. Use format='torch' for this checkpoint"
                 )
             if value.dtype not in SAFETENSORS_DTYPES:
-                raise TypeError(f"safetensors cannot store dtype {value.dtype} of '{key}'; use format='torch'")
+                raise TypeError(
+                    f"safetensors cannot store dtype {value.dtype} of '{key}'; use format='torch'"
+                )
             if value.is_sparse or value.layout != torch.strided:
                 raise TypeError(f"safetensors cannot store the sparse tensor '{key}'; use format='torch'")
         metadata = {}

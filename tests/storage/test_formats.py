@@ -1,0 +1,232 @@
+"""Formats: the direct torch zip writer and the safetensors writer produce files that the
+reference readers (torch.load, safetensors) read back bit for bit."""
+
+import io
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from collections import OrderedDict
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file as st_load_file
+
+from ksuit.storage import torch_zip
+from ksuit.storage.atomic import HashingSink, hash_file
+from ksuit.storage.formats import FORMATS, SafetensorsFormat, TorchFormat, get_format
+from ksuit.storage.loading import load_file, read_metadata
+
+
+def _payload():
+    base = torch.arange(100, dtype=torch.float32)
+    return {
+        "state_dict": OrderedDict(
+            base=base,
+            view=base[10:20],  # a view into the same storage: aliasing must survive
+            transposed=torch.randn(4, 5).t(),  # non-contiguous
+            scalar=torch.tensor(3.5),
+            empty=torch.zeros(0, 3),
+            i64=torch.arange(7),
+            bf16=torch.randn(9).to(torch.bfloat16),
+            f16=torch.randn(3, 3).half(),
+            boolean=torch.tensor([True, False, True]),
+            param=torch.nn.Parameter(torch.randn(2, 3)),
+        ),
+        "checkpoint_tag": "E1_U2_S3",
+        "training_iteration": {"epoch": 1, "update": 2, "sample": 3},
+        "misc": [1, 2.5, None, "x", (1, 2), {"nested": True}],
+        "optim": {
+            "state": {0: {"step": torch.tensor(4.0), "exp_avg": torch.ones(3)}},
+            "param_groups": [{"lr": 0.1}],
+        },
+    }
+
+
+def _bits(t):
+    return t.detach().contiguous().reshape(-1).view(torch.uint8)
+
+
+def _assert_same(a, b, path="payload"):
+    if isinstance(b, torch.Tensor):
+        assert isinstance(a, torch.Tensor), path
+        assert a.dtype == b.dtype and a.shape == b.shape, path
+        assert torch.equal(_bits(a), _bits(b)), path
+    elif isinstance(b, dict):
+        assert set(a) == set(b), path
+        for k in b:
+            _assert_same(a[k], b[k], f"{path}[{k!r}]")
+    elif isinstance(b, (list, tuple)):
+        assert type(a) is type(b) and len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            _assert_same(x, y, f"{path}[{i}]")
+    else:
+        assert a == b, path
+
+
+def _write(fmt, payload, path):
+    sink = HashingSink(path)
+    fmt.write(payload, sink)
+    sink.fsync_and_close()
+    return sink
+
+
+@pytest.mark.parametrize("mmap", [False, True])
+def test_direct_torch_files_load_with_plain_torch_load(tmp_path, mmap):
+    payload = _payload()
+    path = tmp_path / "x.th"
+    sink = _write(TorchFormat(), payload, path)
+    assert hash_file(path) == (sink.nbytes, sink.hexdigest())  # the checksum covers every byte
+    out = torch.load(path, weights_only=True, mmap=mmap)
+    _assert_same(out, payload)
+    sd = out["state_dict"]
+    assert isinstance(sd, OrderedDict) and list(sd) == list(payload["state_dict"])
+    assert sd["view"].untyped_storage().data_ptr() == sd["base"].untyped_storage().data_ptr()
+    assert sd["transposed"].stride() == payload["state_dict"]["transposed"].stride()
+    assert isinstance(sd["param"], torch.nn.Parameter)
+
+
+def test_direct_writer_matches_torch_save_records_and_alignment(tmp_path):
+    payload = _payload()
+    ours = tmp_path / "ours.th"
+    _write(TorchFormat(), payload, ours)
+    ref = io.BytesIO()
+    torch.save(payload, ref)
+    with zipfile.ZipFile(ours) as z, zipfile.ZipFile(ref) as r:
+        assert [i.filename for i in z.infolist()] == [i.filename for i in r.infolist()]
+        assert z.read("archive/data.pkl") == r.read("archive/data.pkl")  # same pickled structure
+        for name in ("byteorder", "version", ".format_version", ".storage_alignment"):
+            assert z.read(f"archive/{name}") == r.read(f"archive/{name}")
+        raw = ours.read_bytes()
+        for info in z.infolist():
+            if info.filename.startswith("archive/data/"):
+                name_len, extra_len = (
+                    int.from_bytes(raw[info.header_offset + 26 : info.header_offset + 28], "little"),
+                    int.from_bytes(raw[info.header_offset + 28 : info.header_offset + 30], "little"),
+                )
+                assert (info.header_offset + 30 + name_len + extra_len) % 64 == 0, info.filename
+
+
+def test_zip64_records_and_offsets_load(tmp_path, monkeypatch):
+    # 4 GiB files are too slow for a unit test: lower the zip64 threshold so that every record
+    # size and offset past 100 bytes takes the zip64 path
+    monkeypatch.setattr(torch_zip, "ZIP64_LIMIT", 100)
+    payload = _payload()
+    path = tmp_path / "z64.th"
+    _write(TorchFormat(), payload, path)
+    _assert_same(torch.load(path, weights_only=True), payload)
+    _assert_same(torch.load(path, weights_only=True, mmap=True), payload)
+    with zipfile.ZipFile(path) as z:
+        assert any(i.file_size > 100 for i in z.infolist())
+        assert z.read("archive/byteorder") == sys.byteorder.encode()
+
+
+def test_direct_writer_rejects_one_memory_seen_as_two_dtypes(tmp_path):
+    t = torch.zeros(4)
+    with pytest.raises(RuntimeError, match="different dtypes"):
+        _write(TorchFormat(), {"a": t, "b": t.view(torch.int32)}, tmp_path / "bad.th")
+
+
+def test_torch_save_engine_still_available(tmp_path):
+    path = tmp_path / "ts.th"
+    payload = _payload()
+    _write(TorchFormat(engine="torch.save"), payload, path)
+    _assert_same(torch.load(path, weights_only=True), payload)
+    with pytest.raises(ValueError, match="known: direct, torch.save"):
+        TorchFormat(engine="pickle")
+
+
+def test_direct_file_loads_in_a_process_without_ksuit(tmp_path):
+    path = tmp_path / "plain.th"
+    _write(TorchFormat(), {"state_dict": {"w": torch.arange(12.0).view(3, 4)}, "tag": "E1"}, path)
+    # -I -S: no site processing, so the editable install of ksuit is not on the path; only the
+    # folder holding torch is added back
+    torch_dir = os.path.dirname(os.path.dirname(torch.__file__))
+    code = f"""
+import sys
+sys.path.append({torch_dir!r})
+try:
+    import ksuit
+except ImportError:
+    pass
+else:
+    raise SystemExit("ksuit is importable; the test would prove nothing")
+import torch
+p = torch.load({str(path)!r}, weights_only=True, mmap=True)
+assert torch.equal(p["state_dict"]["w"], torch.arange(12.0).view(3, 4)) and p["tag"] == "E1"
+print("ok")
+"""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", code], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr
+
+
+# ---- safetensors ---------------------------------------------------------------------------
+
+
+def _weights_payload():
+    base = torch.randn(6, 4)
+    return {
+        "state_dict": {
+            "w": base,
+            "w_alias": base,  # shared tensor (tied weights)
+            "w_view": base[2:4],  # a view at an offset
+            "wt": base.t(),  # non-contiguous
+            "bf": torch.randn(5).to(torch.bfloat16),
+            "i": torch.arange(3, dtype=torch.int32),
+            "b": torch.tensor([True, False]),
+            "s": torch.tensor(2.0),
+            "e": torch.zeros(0),
+        },
+        "checkpoint_tag": "latest",
+        "training_iteration": {"epoch": 2, "update": 40, "sample": 160},
+        "run_id": "run1",
+        "model_config": {"kind": "x.Y", "name": "enc", "hidden": [1, 2]},
+    }
+
+
+def test_safetensors_file_reads_with_safetensors_and_ksuit(tmp_path):
+    payload = _weights_payload()
+    path = tmp_path / "m.safetensors"
+    _write(SafetensorsFormat(), payload, path)
+    ref = st_load_file(str(path))
+    for key, value in payload["state_dict"].items():
+        assert ref[key].dtype == value.dtype and torch.equal(ref[key], value), key
+        assert ref[key].is_contiguous()
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    assert json.loads(meta["model_config"]) == payload["model_config"]
+    loaded = load_file(path)
+    _assert_same(loaded, payload)
+    meta = read_metadata(path)
+    assert meta["training_iteration"] == payload["training_iteration"]
+    assert meta["state_dict"]["wt"] == {"shape": [4, 6], "dtype": "F32", "nbytes": 96}
+
+
+def test_safetensors_rejects_what_it_cannot_hold(tmp_path):
+    fmt = get_format("safetensors")
+    with pytest.raises(TypeError, match="format='torch'"):
+        _write(
+            fmt,
+            {"state_dict": {"w": torch.ones(2)}, "extra_tensor": torch.ones(1)},
+            tmp_path / "a.safetensors",
+        )
+    with pytest.raises(TypeError, match="format='torch'"):
+        _write(fmt, {"state_dict": {"w": [1, 2]}}, tmp_path / "b.safetensors")
+    with pytest.raises(ValueError, match="known: torch, safetensors"):
+        get_format("npz")
+    assert set(FORMATS) == {"torch", "safetensors"}
+
+
+def test_read_metadata_of_torch_file_reads_no_tensor_bytes(tmp_path):
+    path = tmp_path / "big.th"
+    _write(TorchFormat(), {"state_dict": {"w": torch.ones(1 << 20)}, "tag": "E1"}, path)
+    meta = read_metadata(path)
+    assert meta == {
+        "state_dict": {"w": {"shape": [1 << 20], "dtype": "float32", "nbytes": 4 << 20}},
+        "tag": "E1",
+    }
