@@ -230,3 +230,57 @@ def test_read_metadata_of_torch_file_reads_no_tensor_bytes(tmp_path):
         "state_dict": {"w": {"shape": [1 << 20], "dtype": "float32", "nbytes": 4 << 20}},
         "tag": "E1",
     }
+
+
+# ---- every reader reads both formats ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("async_save", [False, True])
+def test_safetensors_weights_are_read_by_every_reader(path_provider, update_counter, async_save):
+    from ksuit.readers import list_checkpoints, load_model, scan_sets, select_resume_set
+    from ksuit.writers import CheckpointWriter
+    from ksuit.zoo.autoencoder import Autoencoder
+    from tests.conftest import FakeTrainer, autoencoder_config, train_one_step
+
+    model = Autoencoder(autoencoder_config()).initialize()
+    train_one_step(model)
+    update_counter.next_epoch()
+    with CheckpointWriter(path_provider, update_counter, format="safetensors", async_save=async_save) as w:
+        w.save(model, "E1_U0_S0", trainer=FakeTrainer(update_counter), save_latest_weights=True)
+    run_dir = path_provider.run_output_path
+    infos = {(c.model_name, c.tag, c.kind): c for c in list_checkpoints(run_dir)}
+    enc = infos[("autoencoder.encoder", "latest", "model")]
+    assert enc.format == "safetensors" and enc.path.suffix == ".safetensors"
+    assert enc.training_iteration is not None and enc.training_iteration.epoch == 1
+    assert infos[("autoencoder.encoder", "E1_U0_S0", "optim")].format == "torch"
+    meta = read_metadata(enc.path)
+    assert meta["checkpoint_tag"] == "latest" and meta["run_id"] == "run1"
+    assert meta["model_config"]["kind"].endswith("Encoder")
+    rebuilt = load_model(enc.path)
+    for key, value in model.encoder.state_dict().items():
+        assert torch.equal(rebuilt.state_dict()[key], value)
+    assert all(s.ok for s in scan_sets(run_dir, checksum=True))
+    chosen, _ = select_resume_set(run_dir, "autoencoder", required=[("autoencoder.encoder", "model")])
+    assert chosen.tag in {"E1_U0_S0", "latest"} and chosen.training_iteration.epoch == 1
+    assert chosen.file("autoencoder.encoder", "model").format == "safetensors"
+
+
+def test_listing_1000_checkpoints_reads_no_tensor_data_and_is_fast(tmp_path):
+    import time
+
+    from ksuit.layout import checkpoint_filename
+    from ksuit.readers import list_checkpoints
+
+    folder = tmp_path / "run" / "checkpoints"
+    folder.mkdir(parents=True)
+    big = folder / "src.th"
+    _write(TorchFormat(), {"state_dict": {"w": torch.zeros(256, 1024)}}, big)  # 1 MiB each
+    for i in range(1000):
+        name = checkpoint_filename("net", f"E{i}_U{i}_S{i}", "model", fmt="torch" if i % 2 else "safetensors")
+        os.link(big, folder / name)  # hard links: 1000 real 1 MiB files, no 1 GiB of writes
+    os.unlink(big)
+    start = time.perf_counter()
+    infos = list_checkpoints(tmp_path / "run")
+    elapsed = time.perf_counter() - start
+    assert len(infos) == 1000 and all(i.size_bytes > (1 << 20) for i in infos)
+    assert elapsed < 1.0, f"listing 1000 checkpoints took {elapsed:.2f}s"

@@ -122,7 +122,10 @@ class SafetensorsFormat:
     def split_payload(payload: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         state_dict = payload.get("state_dict")
         if not isinstance(state_dict, dict):
-            raise TypeError("safetensors format needs a payload with a 'state_dict' dict of tensors")
+            raise TypeError(
+                "safetensors format needs a weights payload with a 'state_dict' dict of tensors "
+                f"(got keys {sorted(map(str, payload))[:5]}); optimizer and trainer files stay in format='torch'"
+            )
         for key, value in state_dict.items():
             if not isinstance(key, str) or not isinstance(value, torch.Tensor):
                 raise TypeError(
