@@ -60,7 +60,7 @@ def disk_free_bytes(folder: str | Path) -> int:
     return shutil.disk_usage(folder).free
 
 
-def enospc_error(path: str | Path, needed: int, free: int | None = None) -> OSError:
+def enospc_error(path: str | Path, needed: int, free: int | None = None, at_least: bool = False) -> OSError:
     """An ENOSPC OSError that names the path, the bytes needed and the bytes free."""
     if free is None:
         try:
@@ -69,8 +69,9 @@ def enospc_error(path: str | Path, needed: int, free: int | None = None) -> OSEr
             free = -1
     err = OSError(
         errno.ENOSPC,
-        f"No space left on device: writing {path} needs {needed} bytes but only {free} bytes are free; "
-        "free disk space or point the run at a larger disk (the previous checkpoint is intact)",
+        f"No space left on device: writing {path} needs {'at least ' if at_least else ''}{needed} bytes but "
+        f"only {free} bytes are free; free disk space or point the run at a larger disk "
+        "(the previous checkpoint is intact)",
         str(path),
     )
     return err
@@ -88,17 +89,26 @@ class HashingSink:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
+        self._fd = os.open(
+            self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644
+        )
         self._hash = xxhash.xxh3_64()
         self.nbytes = 0
+        self.attempted = 0  # bytes asked to be written, including a write that failed
+        self.error: OSError | None = None  # kept: torch.save turns it into a bare RuntimeError
 
     def write(self, data) -> int:  # noqa: ANN001 - any buffer
         view = memoryview(data).cast("B")
         self._hash.update(view)
         total = view.nbytes
+        self.attempted += total
         written = 0
-        while written < total:
-            written += os.write(self._fd, view[written:])
+        try:
+            while written < total:
+                written += os.write(self._fd, view[written:])
+        except OSError as e:
+            self.error = e
+            raise
         self.nbytes += total
         return total
 
@@ -126,15 +136,31 @@ class HashingSink:
             self._fd = -1
 
 
+def is_enospc(exc: BaseException, sink: HashingSink | None = None) -> bool:
+    """Whether a failed write ran out of space, even when a serializer (torch.save reports
+    "enforce fail at inline_container.cc") replaced the OSError by its own error."""
+    if sink is not None and sink.error is not None and sink.error.errno == errno.ENOSPC:
+        return True
+    seen = 0
+    while exc is not None and seen < 10:
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
+
+
 def new_temp_path(final_path: Path) -> Path:
     return final_path.with_name(temp_filename(final_path.name, secrets.token_hex(4)))
 
 
-def write_file_atomic(final_path: str | Path, write: Callable[[HashingSink], None]) -> tuple[int, str]:
+def write_file_atomic(
+    final_path: str | Path, write: Callable[[HashingSink], None], expected_nbytes: int | None = None
+) -> tuple[int, str]:
     """Writes one file atomically: temp name, fsync, rename, folder fsync.
 
     Returns `(size, checksum)`. On any failure the temporary file is removed and the old file
-    (if any) is untouched; a full disk raises ENOSPC naming the path.
+    (if any) is untouched; a full disk raises ENOSPC naming the path, the bytes needed
+    (`expected_nbytes` when known, else at least what was attempted) and the bytes free.
     """
     final_path = Path(final_path)
     tmp = new_temp_path(final_path)
@@ -145,9 +171,13 @@ def write_file_atomic(final_path: str | Path, write: Callable[[HashingSink], Non
         os.replace(tmp, final_path)
     except BaseException as e:
         sink.close()
+        full = is_enospc(e, sink)
+        free = disk_free_bytes(final_path.parent) if full else 0  # before the temp file is removed
         tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-            raise enospc_error(final_path, sink.nbytes) from e
+        if full:
+            if expected_nbytes is not None and expected_nbytes >= sink.attempted:
+                raise enospc_error(final_path, expected_nbytes, free) from e
+            raise enospc_error(final_path, sink.attempted, free, at_least=True) from e
         raise
     fsync_dir(final_path.parent)
     return sink.nbytes, sink.hexdigest()

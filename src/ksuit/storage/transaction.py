@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
@@ -16,8 +15,10 @@ from ksuit.layout import is_journal_filename, is_temp_filename, journal_filename
 from ksuit.storage.atomic import (
     HashingSink,
     check_free_space,
+    disk_free_bytes,
     enospc_error,
     fsync_dir,
+    is_enospc,
     new_temp_path,
     write_file_atomic,
 )
@@ -71,7 +72,9 @@ def _apply_journal(folder: Path, journal: Path) -> list[str]:
     try:
         renames = json.loads(journal.read_text())["renames"]
     except (ValueError, KeyError) as e:  # a journal is written atomically; this means outside damage
-        raise CorruptCheckpointError(f"journal {journal} is unreadable ({e}); delete it to discard that save") from e
+        raise CorruptCheckpointError(
+            f"journal {journal} is unreadable ({e}); delete it to discard that save"
+        ) from e
     applied = []
     for tmp_name, final_name in renames:
         tmp = folder / tmp_name
@@ -101,7 +104,9 @@ def recover_folder(folder: str | Path) -> RecoveryReport:
         if report.removed_temps:
             fsync_dir(folder)
     if report.rolled_forward:
-        logger.warning("completed an interrupted checkpoint save in %s: %s", folder, ", ".join(report.rolled_forward))
+        logger.warning(
+            "completed an interrupted checkpoint save in %s: %s", folder, ", ".join(report.rolled_forward)
+        )
     if report.removed_temps:
         logger.info("removed %d leftover temporary files in %s", len(report.removed_temps), folder)
     return report
@@ -140,6 +145,7 @@ class SetWriter:
         staged: list[tuple[Path, Path]] = []
         written: list[WrittenFile] = []
         current: Path = self.folder
+        sink: HashingSink | None = None
         try:
             for f in files:
                 final = self.folder / f.filename
@@ -170,10 +176,12 @@ class SetWriter:
             current = journal
             write_file_atomic(journal, lambda s: s.write(json.dumps({"renames": renames}).encode()))
         except BaseException as e:
+            full = is_enospc(e, sink)
+            free = disk_free_bytes(self.folder) if full else 0  # before cleanup frees the staged bytes
             for tmp, _ in staged:
                 tmp.unlink(missing_ok=True)
-            if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-                raise enospc_error(current, needed) from e
+            if full:
+                raise enospc_error(current, needed, free) from e
             raise
         _apply_journal(self.folder, journal)
         return written
