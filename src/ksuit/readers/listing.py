@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +33,24 @@ class CheckpointInfo:
 def find_checkpoint_dir(run_dir: str | Path) -> Path:
     """The checkpoint folder of a run: `run_dir/checkpoints`, or `run_dir` itself if it holds
     checkpoints, or the single `run_dir/<stage>/checkpoints`."""
+    if not isinstance(run_dir, (str, Path)) or str(run_dir) == "":
+        raise TypeError(f"run_dir must be a path to a run folder (<output_root>/<run_id>), got {run_dir!r}")
     run_dir = Path(run_dir)
+    try:
+        folder = _find_checkpoint_dir(run_dir)
+        with os.scandir(folder) as entries:  # fails here, with the fix below, when unreadable
+            next(entries, None)
+        return folder
+    except PermissionError as e:
+        raise PermissionError(
+            e.errno,
+            f"cannot read the run folder {run_dir} ({e.filename or run_dir}: permission denied); "
+            "run as a user that may read it or fix its permissions (chmod/chown)",
+            e.filename,
+        ) from e
+
+
+def _find_checkpoint_dir(run_dir: Path) -> Path:
     if not run_dir.exists():
         raise FileNotFoundError(f"run folder {run_dir} does not exist; pass <output_root>/<run_id>")
     if not run_dir.is_dir():
@@ -111,14 +129,18 @@ def list_checkpoints(run_dir: str | Path) -> list[CheckpointInfo]:
 
     def order(c: CheckpointInfo) -> tuple:
         it = c.training_iteration
-        return (c.model_name, c.info, it is None, (it.epoch, it.update, it.sample) if it and it.is_fully_specified
-                else (0, 0, 0), c.tag, c.kind)
+        return (
+            c.model_name,
+            c.info,
+            it is None,
+            (it.epoch, it.update, it.sample) if it and it.is_fully_specified else (0, 0, 0),
+            c.tag,
+            c.kind,
+        )
 
     return sorted(result, key=order)
 
 
 def _scandir(folder: Path):
-    import os
-
     with os.scandir(folder) as it:
         return [e for e in it if e.is_file()]
