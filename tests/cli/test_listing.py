@@ -8,12 +8,12 @@ import subprocess
 import sys
 
 import pytest
+from tests.conftest import FakeTrainer, autoencoder_config, train_one_step
 from typer.testing import CliRunner
 
 from ksuit.cli import app
 from ksuit.writers.checkpoint_writer import CheckpointWriter
 from ksuit.zoo.autoencoder import Autoencoder
-from tests.conftest import FakeTrainer, autoencoder_config, train_one_step
 
 runner = CliRunner()
 
@@ -52,7 +52,7 @@ def test_ls_lists_every_file_with_iteration_and_total(run):
     # latest's iteration comes from its manifest, never from loading tensors
     assert all(r[3] == "E0_U1_S0" for r in table if r[1] == "latest")
     total = sum(p.stat().st_size for p in files)
-    assert f"12 files, total" in result.output and f"({total} bytes)" in result.output
+    assert "12 files, total" in result.output and f"({total} bytes)" in result.output
 
 
 def test_inspect_th_shows_metadata_and_tensors(run):
