@@ -1,0 +1,85 @@
+"""Snapshots: exact copies in reused buffers, aliases kept, steady state allocates nothing."""
+
+from collections import OrderedDict
+
+import pytest
+import torch
+
+from ksuit.storage.snapshot import SnapshotBuffer, SnapshotPool, take_snapshot
+
+
+def _payloads():
+    base = torch.randn(10, 10)
+    weights = OrderedDict(
+        w=base, w_tied=base, row=base[3], t=base.t(), i=torch.arange(5), e=torch.zeros(0, 2)
+    )
+    optim = {
+        "state": {0: {"step": torch.tensor(3.0), "m": torch.randn(7)}},
+        "param_groups": [{"lr": 0.1, "params": [0]}],
+    }
+    return [{"state_dict": weights, "tag": "E1", "it": (1, 2)}, optim]
+
+
+def test_snapshot_is_an_independent_exact_copy():
+    payloads = _payloads()
+    snap = take_snapshot(payloads, SnapshotBuffer())
+    sd, ssd = payloads[0]["state_dict"], snap[0]["state_dict"]
+    assert isinstance(ssd, OrderedDict) and list(ssd) == list(sd)
+    for key in sd:
+        assert torch.equal(ssd[key], sd[key]) and ssd[key].dtype == sd[key].dtype, key
+    assert snap[0]["tag"] == "E1" and snap[0]["it"] == (1, 2)
+    assert snap[1]["param_groups"] == payloads[1]["param_groups"]
+    assert snap[1]["param_groups"] is not payloads[1]["param_groups"]
+    before = ssd["w"].clone()
+    sd["w"].add_(1.0)  # training goes on in place
+    payloads[1]["state"][0]["m"].zero_()
+    assert torch.equal(ssd["w"], before)
+    assert not torch.equal(snap[1]["state"][0]["m"], payloads[1]["state"][0]["m"])
+
+
+def test_aliases_stay_aliases_and_views_are_copied_per_view():
+    snap = take_snapshot(_payloads(), SnapshotBuffer())[0]["state_dict"]
+    assert snap["w"] is snap["w_tied"]
+    assert snap["row"].shape == (10,) and snap["t"].shape == (10, 10)
+    assert snap["w"].data_ptr() != snap["row"].data_ptr()
+
+
+def test_each_file_gets_its_own_exactly_sized_storage():
+    snap = take_snapshot(_payloads(), SnapshotBuffer())
+    s0 = snap[0]["state_dict"]["w"].untyped_storage()
+    s1 = snap[1]["state"][0]["m"].untyped_storage()
+    assert s0.data_ptr() != s1.data_ptr()
+    assert s1.nbytes() == 64 + 64  # step (4 bytes) and m (28 bytes), each 64-byte aligned
+
+
+def test_steady_state_reuses_buffers_and_views():
+    payloads = _payloads()
+    buffer = SnapshotBuffer()
+    first = take_snapshot(payloads, buffer)
+    ptrs = [b.data_ptr() for b in buffer.buffers]
+    payloads[0]["state_dict"]["w"].mul_(2)
+    second = take_snapshot(payloads, buffer)
+    assert [b.data_ptr() for b in buffer.buffers] == ptrs
+    assert second[0]["state_dict"]["w"] is first[0]["state_dict"]["w"]  # no new tensors
+    assert torch.equal(second[0]["state_dict"]["w"], payloads[0]["state_dict"]["w"])
+    # a different layout (a bigger tensor) grows the buffer instead of corrupting the old views
+    payloads[1]["state"][0]["m"] = torch.randn(10_000)
+    third = take_snapshot(payloads, buffer)
+    assert torch.equal(third[1]["state"][0]["m"], payloads[1]["state"][0]["m"])
+
+
+def test_sparse_tensors_are_cloned():
+    sparse = torch.eye(3).to_sparse()
+    snap = take_snapshot([{"s": sparse}], SnapshotBuffer())[0]["s"]
+    assert snap.is_sparse and torch.equal(snap.to_dense(), torch.eye(3))
+
+
+def test_pool_validates_and_blocks():
+    with pytest.raises(ValueError, match="max_pending"):
+        SnapshotPool(0)
+    pool = SnapshotPool(1)
+    buffer = pool.acquire()
+    with pytest.raises(TimeoutError):
+        pool.acquire(timeout=0.05)
+    pool.release(buffer)
+    assert pool.acquire(timeout=0.05) is buffer
