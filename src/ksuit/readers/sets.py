@@ -148,13 +148,18 @@ def select_resume_set(
     # newest first; on equal iterations prefer the rolling 'latest' (it is what resume writes)
     candidates.sort(key=lambda s: (_sort_key(s)[:3], s.tag == "latest"), reverse=True)
     skipped: list[tuple[str, str]] = []
-    for s in candidates:
+    for i, s in enumerate(candidates):
         reason = _unusable_reason(s, group, required)
         if reason is None:
             s.check(checksum=True)
             if not s.ok:
                 reason = "; ".join(f"{k}: {v}" for k, v in s.problems.items())
         if reason is None:
+            # sets whose iteration is unknown (e.g. an unreadable manifest) sort last but may be
+            # newer: report them too, so a damaged 'latest' is never passed over silently
+            for other in candidates[i + 1 :]:
+                if other.training_iteration is None and not other.ok:
+                    skipped.append((other.tag, _unusable_reason(other, group, required) or "unverifiable"))
             return s, skipped
         skipped.append((s.tag, reason))
     details = "; ".join(f"{t}: {r}" for t, r in skipped)
@@ -170,5 +175,3 @@ def _unusable_reason(s: CheckpointSet, group: str, required: list[tuple[str, str
     if missing:
         return "missing " + ", ".join(missing)
     return None
-
-
