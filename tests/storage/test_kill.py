@@ -163,7 +163,7 @@ def run_kills(tmp_path: Path, mode: str, kills: int, max_delay: float, seed: int
     run_dir = tmp_path / mode / "run"
     checker = Checker(run_dir)
     zygote = Zygote(tmp_path / mode)
-    survived = 0
+    survived = early_kills = 0
     try:
         for i in range(kills):
             pid = zygote.spawn(mode, i)
@@ -180,11 +180,13 @@ def run_kills(tmp_path: Path, mode: str, kills: int, max_delay: float, seed: int
             assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, rest
             checker.check()
             survived += 1
+            early_kills += early
     finally:
         zygote.close()
     print(
-        f"\n[kill test, {mode}] {survived} SIGKILLs survived; resumed up to update {checker.last_update}; "
-        f"kill phases: {checker.phases}"
+        f"\n[kill test, {mode}] {survived} SIGKILLs survived ({early_kills} of them 0-20 ms after start: "
+        f"start-up, recovery, resume loading); resumed up to update {checker.last_update}; "
+        f"state left by the kills: {checker.phases}"
     )
     return checker
 
