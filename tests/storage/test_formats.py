@@ -284,3 +284,45 @@ def test_listing_1000_checkpoints_reads_no_tensor_data_and_is_fast(tmp_path):
     elapsed = time.perf_counter() - start
     assert len(infos) == 1000 and all(i.size_bytes > (1 << 20) for i in infos)
     assert elapsed < 1.0, f"listing 1000 checkpoints took {elapsed:.2f}s"
+
+
+# ---- the opt-in O_DIRECT path -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt_name", ["torch", "safetensors"])
+@pytest.mark.parametrize("head", [0, 100])
+def test_direct_io_stream_writes_the_same_bytes_and_checksum(tmp_path, monkeypatch, fmt_name, head):
+    from ksuit.storage import direct_io
+
+    payload = {
+        "state_dict": {f"t{i}": torch.randn(1000 + 37 * i) for i in range(30)},
+        "checkpoint_tag": "E1",
+    }
+    fmt = get_format(fmt_name)
+
+    def write(path, direct):
+        monkeypatch.setenv("KSUIT_DIRECT_IO", "1" if direct else "0")
+        monkeypatch.setattr(direct_io, "MIN_DIRECT_BYTES", 0)
+        monkeypatch.setattr(direct_io, "BOUNCE_BYTES", 3 * direct_io.BLOCK)  # many buffer switches
+        sink = HashingSink(path)
+        sink.write(b"x" * head)  # a stream that does not start on a block boundary
+        fmt.write(payload, sink)
+        sink.fsync_and_close()
+        return sink
+
+    closed = []
+    original_close = direct_io.DirectStream.close
+    monkeypatch.setattr(direct_io.DirectStream, "close", lambda self: closed.append(original_close(self)))
+    direct_sink = write(tmp_path / "direct", True)
+    assert closed, "the O_DIRECT stream was not used on this file system"
+    write(tmp_path / "plain", False)
+    assert len(closed) == 1
+    assert hash_file(tmp_path / "direct") == (direct_sink.nbytes, direct_sink.hexdigest())
+    direct_bytes, plain_bytes = (tmp_path / "direct").read_bytes(), (tmp_path / "plain").read_bytes()
+    assert len(direct_bytes) == len(plain_bytes)
+    if fmt_name == "safetensors":
+        assert direct_bytes == plain_bytes
+    else:
+        copy = tmp_path / "direct.th"
+        copy.write_bytes(direct_bytes[head:])
+        _assert_same(torch.load(copy, weights_only=True, mmap=True), payload)

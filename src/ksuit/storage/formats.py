@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 import torch
 
+from ksuit.storage.direct_io import open_stream
 from ksuit.storage.torch_zip import write_torch_zip
 
 try:  # torch >= 2.6
@@ -74,7 +75,8 @@ class TorchFormat:
 
     def write(self, payload: dict[str, Any], sink: Any) -> None:
         if self.engine == "direct":
-            write_torch_zip(payload, sink)
+            with open_stream(sink, self.estimate_nbytes(payload)) as out:
+                write_torch_zip(payload, out)
         elif _serialization_config is not None:
             with _serialization_config.patch({"save.compute_crc32": False}):
                 torch.save(payload, sink)
@@ -124,7 +126,8 @@ class SafetensorsFormat:
         if not isinstance(state_dict, dict):
             raise TypeError(
                 "safetensors format needs a weights payload with a 'state_dict' dict of tensors "
-                f"(got keys {sorted(map(str, payload))[:5]}); optimizer and trainer files stay in format='torch'"
+                f"(got keys {sorted(map(str, payload))[:5]}); "
+                "optimizer and trainer files stay in format='torch'"
             )
         for key, value in state_dict.items():
             if not isinstance(key, str) or not isinstance(value, torch.Tensor):
@@ -172,6 +175,10 @@ class SafetensorsFormat:
         return raw, tensors
 
     def write(self, payload: dict[str, Any], sink: Any) -> None:
+        with open_stream(sink, self.estimate_nbytes(payload)) as out:
+            self._write(payload, out)
+
+    def _write(self, payload: dict[str, Any], sink: Any) -> None:
         header, tensors = self._layout(payload)
         sink.write(struct.pack("<Q", len(header)))
         sink.write(header)
