@@ -83,3 +83,14 @@ def test_pool_validates_and_blocks():
         pool.acquire(timeout=0.05)
     pool.release(buffer)
     assert pool.acquire(timeout=0.05) is buffer
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_tensors_are_snapshotted_into_pinned_host_memory():
+    w = torch.randn(1000, 100, device="cuda")
+    buffer = SnapshotBuffer()
+    snap = take_snapshot([{"state_dict": {"w": w}}], buffer)[0]["state_dict"]["w"]
+    assert snap.device.type == "cpu" and buffer.buffers[0].is_pinned()
+    expected = w.cpu()
+    w.add_(1.0)  # the GPU keeps training
+    assert torch.equal(snap, expected)
