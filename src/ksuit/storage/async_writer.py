@@ -1,8 +1,17 @@
 """Asynchronous set writing: snapshot now, write in a background thread, in order.
 
-Peak extra host memory is `max_pending` snapshot buffers, each as large as the tensors of the
-largest save so far (each tensor rounded up to 64 bytes). `submit()` blocks while all buffers
-are in flight, so a slow disk slows the saver rather than growing memory.
+`submit()` copies every tensor of a save into host buffers (pinned for CUDA sources) and
+returns; one background thread writes the sets through `SetWriter`, so every crash-safety
+guarantee of the synchronous path holds (temp files, streaming checksum, fsync, manifest,
+journal). Sets are written in submission order, so a `latest` of an older save never replaces
+a newer one. The first error of a background write is re-raised by the next `submit()` or
+`flush()`; interpreter exit flushes.
+
+Peak extra host memory: `max_pending` snapshot buffers, each as large as the tensors of the
+largest save so far (every tensor rounded up to 64 bytes; aliases stored once), i.e. about
+`max_pending` x the saved state, plus the pickled structure of the files being written. The
+buffers are kept until `close()`, so steady-state saving allocates nothing. `submit()` blocks
+while all buffers are in flight, so a slow disk slows the saver rather than growing memory.
 """
 
 from __future__ import annotations
