@@ -19,7 +19,7 @@ from rich.table import Table
 from ksuit.cli import app
 from ksuit.readers import find_checkpoint_dir, list_checkpoints, scan_sets
 from ksuit.storage import CorruptCheckpointError, UnsafeCheckpointError, load_file, read_metadata
-from ksuit.storage.transaction import recover_folder
+from ksuit.storage.transaction import folder_lock, recover_folder
 
 T = TypeVar("T")
 
@@ -134,20 +134,23 @@ def inspect_command(
 def verify_command(run_dir: Path = typer.Argument(..., help="run folder (<output_root>/<run_id>)")) -> None:
     """Check every checkpoint set of a run: presence, sizes, checksums and loadability.
 
-    Interrupted saves are first completed or discarded (recovery). Exit code 1 when any set
-    is incomplete or any file is corrupt or unsafe, 0 otherwise.
+    Interrupted saves are first completed or discarded (recovery); a save in flight in a
+    training process finishes first, and the next one waits until verify is done. Exit code 1
+    when any set is incomplete or any file is corrupt or unsafe, 0 otherwise.
     """
     folder = _call(lambda: find_checkpoint_dir(run_dir))
-    report = _call(lambda: recover_folder(folder))
-    sets = _call(lambda: scan_sets(folder, checksum=True))
-    for s in sets:
-        for name, info in sorted(s.files.items()):
-            if name in s.problems:
-                continue
-            try:
-                load_file(info.path, map_location="cpu", mmap=info.format == "torch")
-            except (CorruptCheckpointError, UnsafeCheckpointError, OSError) as e:
-                s.problems[name] = str(e).splitlines()[0]
+    # a save in flight (another process) finishes first, and none starts while we read
+    with folder_lock(folder):
+        report = _call(lambda: recover_folder(folder))
+        sets = _call(lambda: scan_sets(folder, checksum=True))
+        for s in sets:
+            for name, info in sorted(s.files.items()):
+                if name in s.problems:
+                    continue
+                try:
+                    load_file(info.path, map_location="cpu", mmap=info.format == "torch")
+                except (CorruptCheckpointError, UnsafeCheckpointError, OSError) as e:
+                    s.problems[name] = str(e).splitlines()[0]
     console = _console()
     if report.rolled_forward or report.removed_temps:
         console.print(

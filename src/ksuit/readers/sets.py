@@ -14,7 +14,7 @@ from ksuit.layout import parse_manifest_filename
 from ksuit.readers.listing import CheckpointInfo, find_checkpoint_dir, list_checkpoints
 from ksuit.storage.errors import CorruptCheckpointError
 from ksuit.storage.manifest import Manifest, read_manifest, verify_file
-from ksuit.storage.transaction import recover_folder
+from ksuit.storage.transaction import folder_lock, recover_folder
 from ksuit.utils.training import TrainingIteration
 
 
@@ -133,8 +133,15 @@ def select_resume_set(
     `TrainingIteration` such as `epoch=10` selects by iteration instead of by tag.
     """
     folder = find_checkpoint_dir(run_dir)
+    # hold the folder still: a save in flight in another process finishes first
+    with folder_lock(folder):
+        return _select_resume_set_locked(folder, group, tag, list(required))
+
+
+def _select_resume_set_locked(
+    folder: Path, group: str, tag: str | TrainingIteration | None, required: list[tuple[str, str]]
+) -> tuple[CheckpointSet, list[tuple[str, str]]]:
     recover_folder(folder)
-    required = list(required)
     candidates = [s for s in scan_sets(folder, checksum=False) if s.group == group]
     if not candidates:
         groups = sorted({s.group for s in scan_sets(folder)})
