@@ -326,3 +326,59 @@ def test_direct_io_stream_writes_the_same_bytes_and_checksum(tmp_path, monkeypat
         copy = tmp_path / "direct.th"
         copy.write_bytes(direct_bytes[head:])
         _assert_same(torch.load(copy, weights_only=True, mmap=True), payload)
+
+
+# ---- load_model: mapped and assigned without a second copy, ties kept ----------------------
+
+from ksuit.models import Model  # noqa: E402
+from ksuit.schemas.models import ModelBaseConfig  # noqa: E402
+
+
+class TiedNetConfig(ModelBaseConfig):
+    kind: str = f"{__name__}.TiedNet"
+    name: str = "tied"
+
+
+class TiedNet(Model):
+    def __init__(self, model_config, **kwargs):
+        super().__init__(model_config, **kwargs)
+        self.embed = torch.nn.Embedding(10, 4)
+        self.head = torch.nn.Linear(4, 10, bias=False)
+        self.head.weight = self.embed.weight  # tied
+
+
+@pytest.mark.parametrize("fmt", ["torch", "safetensors"])
+def test_load_model_keeps_values_parameters_and_ties(path_provider, update_counter, fmt):
+    from ksuit.readers import load_model
+    from ksuit.writers import CheckpointWriter
+    from ksuit.zoo.autoencoder import Autoencoder
+    from tests.conftest import autoencoder_config
+
+    model = Autoencoder(autoencoder_config()).initialize()
+    tied = TiedNet(TiedNetConfig())
+    with CheckpointWriter(path_provider, update_counter, format=fmt) as writer:
+        writer.save(model, "E1_U0_S0", save_optim=False)
+        writer.save_model_checkpoint(
+            f"tied_cp=E1_U0_S0_model.{'th' if fmt == 'torch' else fmt}",
+            tied.state_dict(),
+            "E1_U0_S0",
+            model_config=tied.model_config,
+        )
+    folder = path_provider.checkpoint_path
+    ext = "th" if fmt == "torch" else fmt
+    encoder = load_model(folder / f"autoencoder.encoder_cp=E1_U0_S0_model.{ext}")
+    for key, value in model.encoder.state_dict().items():
+        assert torch.equal(encoder.state_dict()[key], value)
+    params = list(encoder.parameters())
+    assert params and all(isinstance(p, torch.nn.Parameter) and p.requires_grad for p in params)
+    loss = encoder(torch.randn(2, 16)).sum()
+    loss.backward()  # a loaded model trains
+    with torch.no_grad():
+        params[0].add_(1.0)  # and may be changed in place, without touching the file
+    assert torch.equal(
+        load_model(folder / f"autoencoder.encoder_cp=E1_U0_S0_model.{ext}").state_dict()["net.0.weight"],
+        model.encoder.state_dict()["net.0.weight"],
+    )
+    rebuilt = load_model(folder / f"tied_cp=E1_U0_S0_model.{ext}")
+    assert rebuilt.head.weight is rebuilt.embed.weight
+    assert torch.equal(rebuilt.embed.weight, tied.embed.weight)
