@@ -40,6 +40,7 @@ SAVE_METHODS = [
     "raw_odirect",
     "memcpy",
     "ksuit_sync_torch",
+    "ksuit_sync_torch_odirect",
     "ksuit_sync_safetensors",
     "ksuit_async",
     "torch_save",
@@ -242,6 +243,12 @@ def m_ksuit_sync_torch(ctx: dict) -> dict:
     return _ksuit_sync(ctx, "torch")
 
 
+def m_ksuit_sync_torch_odirect(ctx: dict) -> dict:
+    """The same with the opt-in O_DIRECT stream (`KSUIT_DIRECT_IO=1`)."""
+    os.environ["KSUIT_DIRECT_IO"] = "1"
+    return _ksuit_sync(ctx, "torch")
+
+
 def m_ksuit_sync_safetensors(ctx: dict) -> dict:
     """The same with `format="safetensors"` (weights as .safetensors, optimizer as .th)."""
     return _ksuit_sync(ctx, "safetensors")
@@ -320,8 +327,11 @@ def m_dcp_save(ctx: dict) -> dict:
     base = reset_peak()
     start = time.perf_counter()
     dcp.save(state, checkpoint_id=str(ctx["dir"] / "dcp1"))
-    return {"seconds": time.perf_counter() - start, "bytes": tree_bytes(ctx["dir"] / "dcp1"),
-            "peak_extra": peak_extra(base)}
+    return {
+        "seconds": time.perf_counter() - start,
+        "bytes": tree_bytes(ctx["dir"] / "dcp1"),
+        "peak_extra": peak_extra(base),
+    }
 
 
 def m_dcp_async_save(ctx: dict) -> dict:
@@ -392,7 +402,12 @@ def _load(ctx: dict, key: str, fn) -> dict:
     call = time.perf_counter() - start
     touch_all(obj)
     seconds = time.perf_counter() - start
-    return {"seconds": seconds, "call_seconds": call, "bytes": path.stat().st_size, "peak_extra": peak_extra(base)}
+    return {
+        "seconds": seconds,
+        "call_seconds": call,
+        "bytes": path.stat().st_size,
+        "peak_extra": peak_extra(base),
+    }
 
 
 def m_load_torch(ctx: dict) -> dict:
@@ -447,14 +462,26 @@ def run_child(method: str, scale: float, folder: Path, files: dict | None) -> di
     if method == "prepare":
         return {"files": prepare_load_files(ctx), "weights_bytes": weights, "optim_bytes": optim}
     result = globals()[f"m_{method}"](ctx)
-    result.update(state_bytes=weights + optim, weights_bytes=weights, build_seconds=time.perf_counter() - start)
+    result.update(
+        state_bytes=weights + optim, weights_bytes=weights, build_seconds=time.perf_counter() - start
+    )
     return result
 
 
 def spawn(method: str, scale: float, folder: Path, files: dict | None = None) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", method, "--scale", str(scale),
-           "--dir", str(folder), "--files", json.dumps(files or {})]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--child",
+        method,
+        "--scale",
+        str(scale),
+        "--dir",
+        str(folder),
+        "--files",
+        json.dumps(files or {}),
+    ]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
@@ -479,24 +506,56 @@ def evaluate(results: dict, state_bytes: int) -> list[dict]:
         targets.append({"target": name, "value": value, "goal": goal, "met": met, "detail": detail})
 
     raw = gbps(results.get("raw_buffered", {})) if "bytes" in results.get("raw_buffered", {}) else None
-    sync = gbps(results.get("ksuit_sync_torch", {})) if "bytes" in results.get("ksuit_sync_torch", {}) else None
-    target("ksuit sync save >= 0.9x buffered raw fsynced write", sync / raw if sync and raw else None, 0.9, True,
-           "bandwidth ratio")
+    sync = (
+        gbps(results.get("ksuit_sync_torch", {})) if "bytes" in results.get("ksuit_sync_torch", {}) else None
+    )
+    target(
+        "ksuit sync save >= 0.9x buffered raw fsynced write",
+        sync / raw if sync and raw else None,
+        0.9,
+        True,
+        "bandwidth ratio",
+    )
     blocked, sync_s = get("ksuit_async", "blocked"), get("ksuit_sync_torch", "seconds")
-    target("ksuit async blocks <= 10% of its sync save", blocked / sync_s if blocked and sync_s else None, 0.10,
-           False, "blocked seconds / sync save seconds")
+    target(
+        "ksuit async blocks <= 10% of its sync save",
+        blocked / sync_s if blocked and sync_s else None,
+        0.10,
+        False,
+        "blocked seconds / sync save seconds",
+    )
     dcp_blocked = get("dcp_async_save", "blocked")
-    target("ksuit async blocks < DCP async_save blocks", blocked / dcp_blocked if blocked and dcp_blocked else None,
-           1.0, False, "ratio of blocked seconds (must be < 1)")
+    target(
+        "ksuit async blocks < DCP async_save blocks",
+        blocked / dcp_blocked if blocked and dcp_blocked else None,
+        1.0,
+        False,
+        "ratio of blocked seconds (must be < 1)",
+    )
     extra = get("ksuit_async", "peak_extra")
-    target("ksuit async peak extra memory <= 1.1x state", extra / state_bytes if extra is not None else None, 1.1,
-           False, "peak extra RSS / state bytes")
+    target(
+        "ksuit async peak extra memory <= 1.1x state",
+        extra / state_bytes if extra is not None else None,
+        1.1,
+        False,
+        "peak extra RSS / state bytes",
+    )
     st, kst = get("load_safetensors", "seconds"), get("load_ksuit_safetensors", "seconds")
-    target("ksuit load_model(safetensors) >= 0.95x safetensors load_file", st / kst if st and kst else None, 0.95,
-           True, "speed ratio (time of safetensors / time of ksuit)")
+    target(
+        "ksuit load_model(safetensors) >= 0.95x safetensors load_file",
+        st / kst if st and kst else None,
+        0.95,
+        True,
+        "speed ratio (time of safetensors / time of ksuit)",
+    )
     mm, kth = get("load_torch_mmap", "seconds"), get("load_ksuit_th", "seconds")
-    target("ksuit load_model(.th) >= torch.load(mmap=True)", mm / kth if mm and kth else None, 1.0, True,
-           "speed ratio (time of torch mmap / time of ksuit)")
+    target(
+        "ksuit load_model(.th) >= torch.load(mmap=True)",
+        mm / kth if mm and kth else None,
+        1.0,
+        True,
+        "speed ratio (time of torch mmap / time of ksuit)",
+    )
     return targets
 
 
@@ -505,8 +564,10 @@ def print_table(results: dict, targets: list[dict], meta: dict) -> None:
     from rich.table import Table
 
     raw = gbps(results["raw_buffered"]) if "bytes" in results.get("raw_buffered", {}) else None
-    table = Table(title=f"save/load, state {meta['state_bytes'] / GIB:.2f} GiB (weights "
-                        f"{meta['weights_bytes'] / GIB:.2f} GiB), scale {meta['scale']}")
+    table = Table(
+        title=f"save/load, state {meta['state_bytes'] / GIB:.2f} GiB (weights "
+        f"{meta['weights_bytes'] / GIB:.2f} GiB), scale {meta['scale']}"
+    )
     for col in ("method", "seconds", "blocked s", "GB/s", "x raw disk", "peak extra GiB", "note"):
         table.add_column(col, justify="left" if col in ("method", "note") else "right")
     for method, r in results.items():
@@ -534,8 +595,10 @@ def print_table(results: dict, targets: list[dict], meta: dict) -> None:
     console.print(table)
     for t in targets:
         value = "n/a" if t["value"] is None else f"{t['value']:.3f}"
-        console.print(f"[{'green' if t['met'] else 'red'}]{'MET ' if t['met'] else 'MISS'}[/] {t['target']}: "
-                      f"{value} (goal {t['goal']}; {t['detail']})")
+        console.print(
+            f"[{'green' if t['met'] else 'red'}]{'MET ' if t['met'] else 'MISS'}[/] {t['target']}: "
+            f"{value} (goal {t['goal']}; {t['detail']})"
+        )
 
 
 def main() -> None:
@@ -593,7 +656,9 @@ def main() -> None:
         if "seconds" in r and r.get("bytes"):
             r["gbps"] = gbps(r)
     if args.out:
-        args.out.write_text(json.dumps({"meta": meta, "results": results, "targets": targets}, indent=1) + "\n")
+        args.out.write_text(
+            json.dumps({"meta": meta, "results": results, "targets": targets}, indent=1) + "\n"
+        )
         print(f"wrote {args.out}", file=sys.stderr)
 
 
