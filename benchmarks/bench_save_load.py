@@ -103,23 +103,25 @@ def tree_bytes(path: Path) -> int:
 
 def touch_all(obj: Any) -> float:
     """Reads one element per 4 KiB page of every tensor (faults in lazily mapped data)."""
+    from collections import deque
+
     import torch
 
     total = 0.0
-    stack = [obj]
-    while stack:
-        o = stack.pop()
+    queue = deque([obj])  # in order: a model's tensors in its state dict order
+    while queue:
+        o = queue.popleft()
         if isinstance(o, torch.Tensor):
             if o.numel():
                 flat = o.detach().reshape(-1)
                 step = max(1, 4096 // flat.element_size())
                 total += float(flat[::step].float().sum())
         elif isinstance(o, dict):
-            stack.extend(o.values())
+            queue.extend(o.values())
         elif isinstance(o, (list, tuple)):
-            stack.extend(o)
+            queue.extend(o)
         elif hasattr(o, "state_dict"):
-            stack.append(o.state_dict())
+            queue.append(o.state_dict())
     return total
 
 

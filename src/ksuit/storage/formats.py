@@ -160,7 +160,7 @@ class SafetensorsFormat:
         header: dict[str, Any] = {"__metadata__": metadata}
         tensors = []
         offset = 0
-        for key in sorted(state_dict):
+        for key in state_dict:  # file order = state dict order: loads read sequentially
             t = state_dict[key]
             nbytes = t.numel() * t.element_size()
             header[key] = {
