@@ -1,0 +1,135 @@
+"""Callbacks: code the trainer runs around updates, with state that survives resume.
+
+Every callback has a unique `name` (its key in the trainer file's `callback_state_dicts`) and
+`state_dict()`/`load_state_dict()`. Within one update the trainer runs callbacks by ascending
+`order`, then by their position in the list: metric producers (order 0) first, then writers of
+extra files (10), then `CheckpointCallback` (20), whose trainer file must capture everything the
+others did at that update.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    from ksuit.trainers.base import BaseTrainer
+
+
+class Callback:
+    """Base of every callback; every hook does nothing by default."""
+
+    order: ClassVar[int] = 0
+    default_name: ClassVar[str] = "callback"
+
+    def __init__(self, name: str | None = None):
+        if name is not None and (not isinstance(name, str) or not name):
+            raise ValueError(f"callback name must be a non-empty str, got {name!r}")
+        self.name = name or self.default_name
+        self.name_is_default = name is None
+
+    def before_training(self, trainer: BaseTrainer) -> None:
+        """After weights (and, when resuming, the trainer state) are loaded, before the first update."""
+
+    def after_update(self, trainer: BaseTrainer) -> None:
+        """After every optimizer update; the update counter already counts it."""
+
+    def after_training(self, trainer: BaseTrainer) -> None:
+        """Once training reached its end (not when it stops on a signal)."""
+
+    def on_resumable_save(self, trainer: BaseTrainer, tags: list[str]) -> None:
+        """A trainer file was just written under each of `tags`: a resume may start there."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict:
+            raise ValueError(f"callback '{self.name}' keeps no state but got {sorted(state_dict)}")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r})"
+
+
+class PeriodicCallback(Callback):
+    """A callback whose `invoke()` runs every n epochs, updates and/or samples.
+
+    With several periods it runs when any of them is due, at most once per update. With none it
+    never runs periodically (only its other hooks do).
+    """
+
+    def __init__(
+        self,
+        every_n_epochs: int | None = None,
+        every_n_updates: int | None = None,
+        every_n_samples: int | None = None,
+        name: str | None = None,
+    ):
+        super().__init__(name=name)
+        for what, value in (
+            ("every_n_epochs", every_n_epochs),
+            ("every_n_updates", every_n_updates),
+            ("every_n_samples", every_n_samples),
+        ):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+                raise ValueError(f"{what} must be a positive int or None, got {value!r}")
+        self.every_n_epochs = every_n_epochs
+        self.every_n_updates = every_n_updates
+        self.every_n_samples = every_n_samples
+
+    @property
+    def is_periodic(self) -> bool:
+        return any(n is not None for n in (self.every_n_epochs, self.every_n_updates, self.every_n_samples))
+
+    def is_due(self, trainer: BaseTrainer) -> bool:
+        """Whether the update that just finished completes one of the periods."""
+        counter = trainer.update_counter
+        it = counter.cur_iteration
+        if self.every_n_epochs is not None and counter.is_full_epoch and it.epoch % self.every_n_epochs == 0:
+            return True
+        if self.every_n_updates is not None and it.update % self.every_n_updates == 0:
+            return True
+        if self.every_n_samples is not None:
+            before = it.sample - counter.effective_batch_size
+            if it.sample // self.every_n_samples > before // self.every_n_samples:
+                return True
+        return False
+
+    def invocations_between(
+        self, start_update: int, end_update: int, updates_per_epoch: int, effective_batch_size: int
+    ) -> int:
+        """How many times `invoke` runs for updates `start_update + 1 .. end_update`."""
+        return sum(
+            1
+            for u in range(start_update + 1, end_update + 1)
+            if (
+                self.every_n_epochs is not None
+                and u % updates_per_epoch == 0
+                and (u // updates_per_epoch) % self.every_n_epochs == 0
+            )
+            or (self.every_n_updates is not None and u % self.every_n_updates == 0)
+            or (
+                self.every_n_samples is not None
+                and u * effective_batch_size // self.every_n_samples
+                > (u - 1) * effective_batch_size // self.every_n_samples
+            )
+        )
+
+    def after_update(self, trainer: BaseTrainer) -> None:
+        if self.is_due(trainer):
+            self.invoke(trainer)
+
+    def invoke(self, trainer: BaseTrainer) -> None:
+        """The periodic action."""
+        raise NotImplementedError(f"{type(self).__name__} must implement invoke(trainer)")
+
+    def __repr__(self) -> str:
+        periods = ", ".join(
+            f"{k}={v}"
+            for k, v in (
+                ("every_n_epochs", self.every_n_epochs),
+                ("every_n_updates", self.every_n_updates),
+                ("every_n_samples", self.every_n_samples),
+            )
+            if v is not None
+        )
+        return f"{type(self).__name__}(name={self.name!r}{', ' + periods if periods else ''})"

@@ -1,0 +1,287 @@
+"""Checkpoint callbacks: periodic/`latest`/`last` sets, and the best weights by a metric."""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import TYPE_CHECKING, Any
+
+from ksuit.callbacks.base import PeriodicCallback
+from ksuit.layout import LAST, LATEST, validate_tag
+from ksuit.writers import CheckpointWriter
+
+if TYPE_CHECKING:
+    from ksuit.models import Model
+    from ksuit.trainers.base import BaseTrainer
+
+logger = logging.getLogger(__name__)
+
+TRAINER_FILE_BYTES = 16 * 1024  # counter, callback states and RNG states: a few KiB per rank
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def weights_nbytes(leaf: Model) -> int:
+    return sum(t.numel() * t.element_size() for t in leaf.state_dict().values())
+
+
+def optimizer_nbytes(leaf: Model) -> int:
+    """Bytes of a leaf's optimizer state: measured once it exists, estimated before the first step
+    (Adam-like optimizers keep two tensors per parameter, SGD with momentum one)."""
+    optim = leaf.optimizer
+    if optim is None:
+        return 0
+    state = optim.torch_optim.state
+    if state:
+        return sum(
+            t.numel() * t.element_size() for s in state.values() for t in s.values() if hasattr(t, "numel")
+        )
+    params = sum(p.numel() * p.element_size() for g in optim.param_groups for p in g["params"])
+    kind = optim.config.kind.lower()
+    if "sgd" in kind:
+        return params if optim.param_groups[0].get("momentum", 0) else 0
+    return 2 * params
+
+
+class CheckpointCallback(PeriodicCallback):
+    """Saves the model through `CheckpointWriter.save` periodically and `last` after training.
+
+    A periodic save uses the progress tag (`E10_U230_S14720`) for what `save_weights` and
+    `save_optim` ask, and `latest` (overwritten each time) for what `save_latest_weights` and
+    `save_latest_optim` ask; when only `latest` files are asked for, it saves under `latest`
+    alone. A trainer file (counter, callbacks, RNG) goes with every save that writes optimizer
+    state, since only such sets can be resumed. `model_names` restricts the save to submodels
+    (key paths such as `encoder`, or full names). Before training it logs an estimate of the
+    disk the run's checkpoints will take.
+    """
+
+    order = 20
+    default_name = "checkpoint"
+
+    def __init__(
+        self,
+        save_weights: bool = True,
+        save_optim: bool = True,
+        save_latest_weights: bool = False,
+        save_latest_optim: bool = False,
+        model_names: list[str] | None = None,
+        save_last: bool = True,
+        save_frozen_weights: bool = True,
+        every_n_epochs: int | None = None,
+        every_n_updates: int | None = None,
+        every_n_samples: int | None = None,
+        name: str | None = None,
+    ):
+        super().__init__(every_n_epochs, every_n_updates, every_n_samples, name=name)
+        if not (save_weights or save_optim or save_latest_weights or save_latest_optim):
+            raise ValueError(
+                f"checkpoint callback '{self.name}' saves nothing; set save_weights, save_optim, "
+                "save_latest_weights or save_latest_optim"
+            )
+        self.save_weights = save_weights
+        self.save_optim = save_optim
+        self.save_latest_weights = save_latest_weights
+        self.save_latest_optim = save_latest_optim
+        self.model_names = None if model_names is None else list(model_names)
+        self.save_last = save_last
+        self.save_frozen_weights = save_frozen_weights
+        self.estimated_bytes: int | None = None
+
+    @property
+    def resumable(self) -> bool:
+        """Whether this callback's sets carry optimizer state, and so a trainer file."""
+        return self.save_optim or self.save_latest_optim
+
+    def _save(
+        self,
+        trainer: BaseTrainer,
+        tag: str,
+        weights: bool,
+        optim: bool,
+        latest_weights: bool = False,
+        latest_optim: bool = False,
+    ) -> None:
+        trainer.save_checkpoint(
+            tag,
+            include_trainer=self.resumable,
+            save_weights=weights,
+            save_optim=optim,
+            save_latest_weights=latest_weights,
+            save_latest_optim=latest_optim,
+            model_names=self.model_names,
+            save_frozen_weights=self.save_frozen_weights,
+        )
+
+    def invoke(self, trainer: BaseTrainer) -> None:
+        if self.save_weights or self.save_optim:
+            tag = str(trainer.update_counter.cur_iteration)
+            self._save(
+                trainer,
+                tag,
+                self.save_weights,
+                self.save_optim,
+                self.save_latest_weights,
+                self.save_latest_optim,
+            )
+        else:
+            self._save(trainer, LATEST, self.save_latest_weights, self.save_latest_optim)
+
+    def after_training(self, trainer: BaseTrainer) -> None:
+        if self.save_last:
+            self._save(
+                trainer,
+                LAST,
+                self.save_weights or self.save_latest_weights,
+                self.save_optim or self.save_latest_optim,
+            )
+
+    def before_training(self, trainer: BaseTrainer) -> None:
+        leaves = CheckpointWriter._select_leaves(trainer.model, self.model_names)  # also checks the names
+        self.estimated_bytes = self.estimate_bytes(trainer, leaves)
+
+    def estimate_bytes(self, trainer: BaseTrainer, leaves: list[tuple[str, Model]]) -> int:
+        """Disk the files of this callback will take by the end of the run (logged on rank 0)."""
+        if not self.save_frozen_weights:
+            leaves = [(n, leaf) for n, leaf in leaves if not leaf.is_frozen]
+        weights = sum(weights_nbytes(leaf) for _, leaf in leaves)
+        optim = sum(optimizer_nbytes(leaf) for _, leaf in leaves)
+        trainer_file = TRAINER_FILE_BYTES * trainer.world_size if self.resumable else 0
+        counter = trainer.update_counter
+        saves = self.invocations_between(
+            counter.update,
+            counter.end_iteration.update,
+            trainer.updates_per_epoch,
+            trainer.effective_batch_size,
+        )
+        per_save = weights * self.save_weights + optim * self.save_optim
+        periodic = saves * (per_save + trainer_file) if per_save else 0
+        latest = weights * self.save_latest_weights + optim * self.save_latest_optim
+        latest = latest + trainer_file if latest and saves else 0
+        last = 0
+        if self.save_last:
+            last = (
+                weights * (self.save_weights or self.save_latest_weights)
+                + optim * (self.save_optim or self.save_latest_optim)
+                + trainer_file
+            )
+        total = periodic + latest + last
+        if trainer.rank == 0:
+            parts = []
+            if periodic:
+                parts.append(f"{saves} progress saves of {human_bytes(per_save + trainer_file)}")
+            if latest:
+                parts.append(f"'latest' {human_bytes(latest)} (overwritten; twice that while it is replaced)")
+            if last:
+                parts.append(f"'last' {human_bytes(last)}")
+            logger.info(
+                "checkpoints of '%s' (%s): %s; about %s on disk by the end of training",
+                self.name,
+                ", ".join(n for n, _ in leaves),
+                "; ".join(parts) or "nothing to save",
+                human_bytes(total),
+            )
+        return total
+
+
+class BestCheckpointCallback(PeriodicCallback):
+    """Saves the weights (only) whenever `metric_key` improves, under the tag
+    `best_model.<metric key with '/' replaced by '.'>` (e.g. `best_model.loss.val`).
+
+    The metric must be logged at the same update by a callback that runs before this one (such
+    as `ValidationLossCallback`, with the same period). The best value survives resume.
+    """
+
+    order = 10
+    default_name = "best_checkpoint"
+
+    def __init__(
+        self,
+        metric_key: str,
+        higher_is_better: bool = False,
+        model_names: list[str] | None = None,
+        every_n_epochs: int | None = None,
+        every_n_updates: int | None = None,
+        every_n_samples: int | None = None,
+        name: str | None = None,
+    ):
+        super().__init__(every_n_epochs, every_n_updates, every_n_samples, name=name)
+        if not self.is_periodic:
+            self.every_n_epochs = 1
+        if not isinstance(metric_key, str) or not metric_key:
+            raise ValueError(f"metric_key must be a non-empty str such as 'loss/val', got {metric_key!r}")
+        self.metric_key = metric_key
+        self.higher_is_better = bool(higher_is_better)
+        self.model_names = None if model_names is None else list(model_names)
+        self.tag = validate_tag("best_model." + metric_key.replace("/", "."))
+        self.best_value: float | None = None
+        self.best_iteration: dict[str, int] | None = None
+
+    def before_training(self, trainer: BaseTrainer) -> None:
+        CheckpointWriter._select_leaves(trainer.model, self.model_names)  # checks the names early
+
+    def is_better(self, value: float) -> bool:
+        if math.isnan(value):
+            return False
+        if self.best_value is None:
+            return True
+        return value > self.best_value if self.higher_is_better else value < self.best_value
+
+    def invoke(self, trainer: BaseTrainer) -> None:
+        if self.metric_key not in trainer.metrics:
+            known = ", ".join(sorted(trainer.metrics)) or "none yet"
+            raise KeyError(
+                f"'{self.name}' watches metric '{self.metric_key}', which no callback logged "
+                f"(known: {known}); "
+                "add a callback that logs it (e.g. validation_loss) before this one, with the same period"
+            )
+        counter = trainer.update_counter
+        if trainer.metric_updates.get(self.metric_key) != counter.update:
+            logger.warning(
+                "'%s': metric '%s' was not computed at %s (last at update %s); not compared",
+                self.name,
+                self.metric_key,
+                counter.cur_iteration,
+                trainer.metric_updates.get(self.metric_key),
+            )
+            return
+        value = trainer.metrics[self.metric_key]
+        if not self.is_better(value):
+            return
+        previous = self.best_value
+        self.best_value = value
+        self.best_iteration = dict(counter.cur_iteration)
+        trainer.save_checkpoint(
+            self.tag, include_trainer=False, save_weights=True, save_optim=False, model_names=self.model_names
+        )
+        if trainer.rank == 0:
+            logger.debug(
+                "new best %s %.6g (was %s) at %s: saved '%s'",
+                self.metric_key,
+                value,
+                "none" if previous is None else f"{previous:.6g}",
+                counter.cur_iteration,
+                self.tag,
+            )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "metric_key": self.metric_key,
+            "best_value": self.best_value,
+            "best_iteration": self.best_iteration,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict.get("metric_key", self.metric_key) != self.metric_key:
+            raise ValueError(
+                f"'{self.name}' watches '{self.metric_key}' but its saved state is for "
+                f"'{state_dict['metric_key']}'"
+            )
+        value = state_dict.get("best_value")
+        self.best_value = None if value is None else float(value)
+        self.best_iteration = state_dict.get("best_iteration")

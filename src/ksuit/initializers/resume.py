@@ -1,0 +1,84 @@
+"""`ResumeInitializer`: continue a run from one of its checkpoint sets, exactly."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ksuit.initializers.base import Initializer, describe_spec, parse_checkpoint_spec
+from ksuit.readers import CheckpointSet, find_checkpoint_dir, load_model_payload, select_resume_set
+from ksuit.storage import load_file
+from ksuit.trainers.base import ResumePoint
+
+if TYPE_CHECKING:
+    from ksuit.trainers.base import BaseTrainer
+
+logger = logging.getLogger(__name__)
+
+
+class ResumeInitializer(Initializer):
+    """Restores weights, optimizer states, the trainer state (counter, callbacks, grad scaler,
+    every rank's RNG, data position) and, through the callbacks, EMA weights.
+
+    Args:
+        run_dir: the run folder (`<output>/<run_id>`) or its checkpoint folder.
+        checkpoint: `None` (the newest usable set, preferring `latest` on a tie), a tag
+            (`latest`, `last`, `E10_U230_S14720`) or a minimal spec (`epoch=10`, `E10`,
+            `{"epoch": 10}`) resolved from the file names. Only complete sets whose files match
+            their manifest and that hold the trainer file, every weights file and every optimizer
+            state are used; the others are skipped and logged with the reason.
+        strict: refuse callback states that do not match the run's callbacks by name.
+    """
+
+    def __init__(self, run_dir: str | Path, checkpoint: Any = None, strict: bool = True):
+        self.run_dir = Path(run_dir)
+        self.checkpoint = parse_checkpoint_spec(checkpoint)
+        self.strict = strict
+        self.chosen: CheckpointSet | None = None
+        self.skipped: list[tuple[str, str]] = []
+
+    def required_files(self, trainer: BaseTrainer) -> list[tuple[str, str]]:
+        required = []
+        for name, leaf in trainer.model.iter_leaves():
+            if not leaf.is_frozen:
+                required.append((name, "model"))
+            if leaf.optimizer is not None:
+                required.append((name, "optim"))
+        return required
+
+    def select(self, trainer: BaseTrainer) -> CheckpointSet:
+        folder = find_checkpoint_dir(self.run_dir)
+        chosen, skipped = select_resume_set(
+            folder, trainer.model.name, self.checkpoint, self.required_files(trainer)
+        )
+        self.chosen, self.skipped = chosen, skipped
+        if trainer.rank == 0:
+            for tag, reason in skipped:
+                logger.warning("skipped checkpoint '%s': %s", tag, reason)
+            logger.info(
+                "resuming from checkpoint '%s' (%s) in %s, asked for %s",
+                chosen.tag,
+                chosen.training_iteration,
+                folder,
+                describe_spec(self.checkpoint),
+            )
+        return chosen
+
+    def apply(self, trainer: BaseTrainer) -> None:
+        chosen = self.select(trainer)
+        for name, leaf in trainer.model.iter_leaves():
+            weights = chosen.file(name, "model")
+            if weights is None:
+                logger.warning(
+                    "no weights of frozen %s in '%s'; it keeps its current weights", name, chosen.tag
+                )
+            else:
+                leaf.load_state_dict(load_model_payload(weights.path)["state_dict"])
+            if leaf.optimizer is not None:
+                leaf.optimizer.load_state_dict(load_file(chosen.file(name, "optim").path))
+        trainer_file = chosen.file(trainer.model.name, "trainer")
+        trainer.load_state_dict(load_file(trainer_file.path), strict=self.strict)
+        trainer.resumed_from = ResumePoint(
+            chosen.folder, chosen.tag, trainer.update_counter.cur_iteration.copy()
+        )

@@ -1,0 +1,86 @@
+"""Random number generator states as plain values, so trainer files load with `weights_only=True`.
+
+One rank's state is `{"python": ..., "numpy": ..., "torch": ByteTensor, "cuda": [ByteTensor]}`:
+python's Mersenne Twister as a version, an int64 tensor of its 625 words and the cached gauss
+value; numpy's legacy global generator as its bit generator name, an int64 tensor of its keys
+and its position/gauss fields. `capture_all_ranks()` gathers one such dict per rank.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import numpy as np
+import torch
+
+from ksuit.trainers import distributed
+
+
+def capture() -> dict[str, Any]:
+    """This process's python, numpy, torch CPU (and CUDA, when present) generator states."""
+    version, words, gauss_next = random.getstate()
+    name, keys, pos, has_gauss, cached_gaussian = np.random.get_state(legacy=True)
+    state: dict[str, Any] = {
+        "python": {
+            "version": int(version),
+            "state": torch.tensor(list(words), dtype=torch.int64),
+            "gauss_next": None if gauss_next is None else float(gauss_next),
+        },
+        "numpy": {
+            "bit_generator": str(name),
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64).copy()),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = [s.cpu() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def restore(state: dict[str, Any]) -> None:
+    """Sets this process's generators to a state from `capture()`."""
+    missing = [k for k in ("python", "numpy", "torch") if k not in state]
+    if missing:
+        raise ValueError(f"RNG state lacks {', '.join(missing)}; it was not written by ksuit.trainers.rng")
+    py = state["python"]
+    words = tuple(int(w) for w in torch.as_tensor(py["state"]).tolist())
+    random.setstate((int(py["version"]), words, py["gauss_next"]))
+    npy = state["numpy"]
+    keys = np.asarray(torch.as_tensor(npy["keys"]).numpy(), dtype=np.uint32)
+    np.random.set_state(
+        (npy["bit_generator"], keys, int(npy["pos"]), int(npy["has_gauss"]), float(npy["cached_gaussian"]))
+    )
+    torch.set_rng_state(torch.as_tensor(state["torch"], dtype=torch.uint8).cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        cuda_states = list(state["cuda"])
+        if len(cuda_states) != torch.cuda.device_count():
+            raise ValueError(
+                f"RNG state holds {len(cuda_states)} CUDA generator states but this process sees "
+                f"{torch.cuda.device_count()} CUDA devices; resume with the same devices"
+            )
+        torch.cuda.set_rng_state_all([torch.as_tensor(s, dtype=torch.uint8).cpu() for s in cuda_states])
+
+
+def capture_all_ranks() -> dict[str, Any]:
+    """`{"world_size": W, "ranks": [state of rank 0, ..., state of rank W-1]}` (a collective)."""
+    states = distributed.all_gather_object(capture())
+    return {"world_size": len(states), "ranks": states}
+
+
+def restore_own_rank(all_ranks: dict[str, Any]) -> None:
+    """Restores this rank's entry of `capture_all_ranks()`; refuses another world size."""
+    saved = int(all_ranks["world_size"])
+    current = distributed.world_size()
+    if saved != current:
+        raise ValueError(
+            f"the checkpoint holds RNG states of {saved} processes but this run has {current}; "
+            f"resume with the same world size (torchrun --nproc_per_node={saved})"
+            if saved > 1
+            else f"the checkpoint was written by a single process but this run has {current}; "
+            "resume it without torchrun"
+        )
+    restore(all_ranks["ranks"][distributed.rank()])
