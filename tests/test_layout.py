@@ -18,7 +18,10 @@ from ksuit.utils.training import TrainingIteration
 @pytest.mark.parametrize(
     ("filename", "expected"),
     [
-        ("autoencoder.encoder_cp=E10_U200_S800_model.th", CheckpointName("autoencoder.encoder", "E10_U200_S800", "model")),
+        (
+            "autoencoder.encoder_cp=E10_U200_S800_model.th",
+            CheckpointName("autoencoder.encoder", "E10_U200_S800", "model"),
+        ),
         ("autoencoder.decoder_cp=last_optim.th", CheckpointName("autoencoder.decoder", "last", "optim")),
         ("my_model_cp=latest_trainer.th", CheckpointName("my_model", "latest", "trainer")),
         ("ae_ema=0.999_cp=E1_U2_S3_model.th", CheckpointName("ae", "E1_U2_S3", "model", "ema=0.999")),
@@ -34,7 +37,13 @@ def test_parse_and_format_are_inverse(filename, expected):
 
 @pytest.mark.parametrize(
     "filename",
-    ["ae_cp=latest.manifest.json", ".ae_cp=latest_model.th.ab12.tmp", "ae_model.th", "notes.txt", "ae_cp=x_weights.th"],
+    [
+        "ae_cp=latest.manifest.json",
+        ".ae_cp=latest_model.th.ab12.tmp",
+        "ae_model.th",
+        "notes.txt",
+        "ae_cp=x_weights.th",
+    ],
 )
 def test_non_checkpoints_do_not_parse(filename):
     assert parse_checkpoint_filename(filename) is None
@@ -53,7 +62,9 @@ def test_checkpoint_filename_builds_contract_names():
 
 
 def test_progress_tags_carry_iterations():
-    assert parse_checkpoint_filename("a_cp=E1_U2_S3_model.th").training_iteration == TrainingIteration(1, 2, 3)
+    assert parse_checkpoint_filename("a_cp=E1_U2_S3_model.th").training_iteration == TrainingIteration(
+        1, 2, 3
+    )
     assert parse_checkpoint_filename("a_cp=latest_model.th").training_iteration is None
 
 

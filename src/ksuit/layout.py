@@ -84,7 +84,9 @@ def validate_info(info: dict[str, object] | None) -> str:
     parts = []
     for key, value in info.items():
         if not isinstance(key, str) or not re.match(r"^[A-Za-z][A-Za-z0-9.\-]*$", key):
-            raise ValueError(f"info key {key!r} must start with a letter and hold only letters, digits, '.', '-'")
+            raise ValueError(
+                f"info key {key!r} must start with a letter and hold only letters, digits, '.', '-'"
+            )
         text = str(value)
         if any(c in text for c in "_/\\\0") or ".." in text:
             raise ValueError(f"info value {text!r} for {key!r} must not contain '_', '/', '\\', NUL or '..'")

@@ -16,7 +16,9 @@ def test_config_kind_is_the_class_path():
 
 
 def test_nested_configs_dump_to_json_and_back():
-    cfg = AutoencoderConfig(encoder=EncoderConfig(latent_dim=3, optimizer_config={"kind": "torch.optim.SGD", "lr": 0.1}))
+    cfg = AutoencoderConfig(
+        encoder=EncoderConfig(latent_dim=3, optimizer_config={"kind": "torch.optim.SGD", "lr": 0.1})
+    )
     dumped = cfg.model_dump(mode="json")
     again = AutoencoderConfig.model_validate(dumped)
     assert again == cfg

@@ -66,8 +66,17 @@ def test_seed_autoencoder_scenario(path_provider, update_counter, model):
     for epoch in range(1, 31):
         _advance(update_counter)
         if epoch % 10 == 0:
-            w.save(model, str(update_counter.cur_iteration), save_optim=False, model_names_to_save=["encoder"])
-        w.save(model, "latest", save_weights=False, save_optim=False, save_latest_weights=True, save_latest_optim=True)
+            w.save(
+                model, str(update_counter.cur_iteration), save_optim=False, model_names_to_save=["encoder"]
+            )
+        w.save(
+            model,
+            "latest",
+            save_weights=False,
+            save_optim=False,
+            save_latest_weights=True,
+            save_latest_optim=True,
+        )
     w.save(model, "last", save_weights=True, save_optim=True, model_names_to_save=["encoder"])
     assert _files(path_provider.checkpoint_path) == {
         "autoencoder.encoder_cp=E10_U200_S800_model.th",
@@ -90,7 +99,12 @@ def test_model_file_payload(path_provider, update_counter, model):
     for tag in ("E3_U60_S240", "latest"):
         payload = torch.load(folder / f"autoencoder.encoder_cp={tag}_model.th", weights_only=True)
         assert set(payload) == {
-            "state_dict", "checkpoint_tag", "training_iteration", "run_id", "model_config", "config_kind"
+            "state_dict",
+            "checkpoint_tag",
+            "training_iteration",
+            "run_id",
+            "model_config",
+            "config_kind",
         }
         assert payload["checkpoint_tag"] == tag
         assert payload["training_iteration"] == {"epoch": 3, "update": 60, "sample": 240}
@@ -138,7 +152,9 @@ def test_latest_is_overwritten(path_provider, update_counter, model):
     with torch.no_grad():
         model.encoder.net[0].weight.add_(1.0)
     w.save(model, "E1_U20_S80", save_weights=False, save_optim=False, save_latest_weights=True)
-    payload = torch.load(path_provider.checkpoint_path / "autoencoder.encoder_cp=latest_model.th", weights_only=True)
+    payload = torch.load(
+        path_provider.checkpoint_path / "autoencoder.encoder_cp=latest_model.th", weights_only=True
+    )
     assert payload["training_iteration"]["epoch"] == 1
     assert torch.equal(payload["state_dict"]["net.0.weight"], model.encoder.net[0].weight)
     assert _files(path_provider.checkpoint_path) == {
@@ -162,7 +178,9 @@ def test_frozen_weights_skipped_on_request(path_provider, update_counter):
 
 
 def test_single_model(path_provider, update_counter):
-    enc = ksuit.zoo.Encoder(EncoderConfig(optimizer_config={"kind": "torch.optim.SGD", "lr": 0.1})).initialize()
+    enc = ksuit.zoo.Encoder(
+        EncoderConfig(optimizer_config={"kind": "torch.optim.SGD", "lr": 0.1})
+    ).initialize()
     w = CheckpointWriter(path_provider, update_counter)
     w.save(enc, "last", model_names_to_save=["encoder"])
     assert _files(path_provider.checkpoint_path) == {"encoder_cp=last_model.th", "encoder_cp=last_optim.th"}
@@ -170,7 +188,9 @@ def test_single_model(path_provider, update_counter):
 
 @pytest.mark.parametrize("names", [["encoder"], ["autoencoder.encoder"]])
 def test_model_names_accept_keys_and_full_names(path_provider, update_counter, model, names):
-    CheckpointWriter(path_provider, update_counter).save(model, "t", save_optim=False, model_names_to_save=names)
+    CheckpointWriter(path_provider, update_counter).save(
+        model, "t", save_optim=False, model_names_to_save=names
+    )
     assert _files(path_provider.checkpoint_path) == {"autoencoder.encoder_cp=t_model.th"}
 
 
@@ -203,7 +223,10 @@ def test_bad_output_names_rejected(path_provider, update_counter, model, name):
 def test_save_model_checkpoint_payload_and_extra(path_provider, update_counter, model):
     w = CheckpointWriter(path_provider, update_counter)
     w.save_model_checkpoint(
-        "enc_ema=0.99_cp=latest_model.th", model.encoder.state_dict(), "latest", model.encoder.model_config,
+        "enc_ema=0.99_cp=latest_model.th",
+        model.encoder.state_dict(),
+        "latest",
+        model.encoder.model_config,
         ema_factor=0.99,
     )
     w.save_model_checkpoint("plain.th", {"w": torch.ones(2)}, "latest")
@@ -301,3 +324,41 @@ def test_constructor_validates(path_provider, update_counter):
         CheckpointWriter(path_provider, 3)
     with pytest.raises(ValueError, match="format"):
         CheckpointWriter(path_provider, update_counter, format="pickle")
+
+
+def test_batch_commits_several_saves_as_one_switch(path_provider, update_counter, model, monkeypatch):
+    from ksuit.storage import transaction
+
+    switches = []
+    original = transaction.SetWriter.write_set
+
+    def counting(self, files, run_id=None):
+        switches.append(sorted(f.filename for f in files))
+        return original(self, files, run_id)
+
+    monkeypatch.setattr(transaction.SetWriter, "write_set", counting)
+    w = CheckpointWriter(path_provider, update_counter)
+    folder = path_provider.checkpoint_path
+    with w.batch():
+        w.save(model, "latest", trainer=FakeTrainer(update_counter))
+        w.save_model_checkpoint(
+            "autoencoder.encoder_ema=0.9_cp=latest_model.th", model.encoder.state_dict(), "latest"
+        )
+        w.save(model, "latest", save_optim=False)  # same files again: written once
+        assert _files(folder) == set()  # nothing before the block ends
+    assert len(switches) == 1
+    assert switches[0] == sorted(set(switches[0]))
+    assert len(switches[0]) == 6
+    assert (folder / "autoencoder.encoder_ema=0.9_cp=latest.manifest.json").exists()
+    assert (folder / "autoencoder_cp=latest.manifest.json").exists()
+
+
+def test_batch_writes_nothing_when_the_block_fails(path_provider, update_counter, model):
+    w = CheckpointWriter(path_provider, update_counter)
+    with pytest.raises(KeyError):
+        with w.batch():
+            w.save(model, "latest")
+            raise KeyError("boom")
+    assert list(path_provider.checkpoint_path.iterdir()) == []
+    w.save(model, "after")  # the writer is usable afterwards
+    assert len(_files(path_provider.checkpoint_path)) == 4

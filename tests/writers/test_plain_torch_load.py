@@ -36,11 +36,20 @@ def test_every_file_loads_without_ksuit(path_provider, update_counter):
     model = Autoencoder(autoencoder_config()).initialize()
     train_one_step(model)
     w = CheckpointWriter(path_provider, update_counter)
-    w.save(model, "E0_U0_S0", trainer=FakeTrainer(update_counter), save_latest_weights=True, save_latest_optim=True)
-    w.save_model_checkpoint("ae_ema=0.9_cp=latest_model.th", model.encoder.state_dict(), "latest",
-                            model.encoder.model_config)
+    w.save(
+        model,
+        "E0_U0_S0",
+        trainer=FakeTrainer(update_counter),
+        save_latest_weights=True,
+        save_latest_optim=True,
+    )
+    w.save_model_checkpoint(
+        "ae_ema=0.9_cp=latest_model.th", model.encoder.state_dict(), "latest", model.encoder.model_config
+    )
     files = sorted(str(p) for p in path_provider.checkpoint_path.iterdir() if p.name.endswith(".th"))
     assert len(files) == 11
-    result = subprocess.run([sys.executable, "-I", "-c", LOADER, *files], capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-I", "-c", LOADER, *files], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == f"loaded {len(files)}"

@@ -142,7 +142,7 @@ class CheckpointCallback(PeriodicCallback):
             )
 
     def before_training(self, trainer: BaseTrainer) -> None:
-        leaves = CheckpointWriter._select_leaves(trainer.model, self.model_names)  # also checks the names
+        leaves = CheckpointWriter.select_leaves(trainer.model, self.model_names)  # also checks the names
         self.estimated_bytes = self.estimate_bytes(trainer, leaves)
 
     def estimate_bytes(self, trainer: BaseTrainer, leaves: list[tuple[str, Model]]) -> int:
@@ -223,7 +223,7 @@ class BestCheckpointCallback(PeriodicCallback):
         self.best_iteration: dict[str, int] | None = None
 
     def before_training(self, trainer: BaseTrainer) -> None:
-        CheckpointWriter._select_leaves(trainer.model, self.model_names)  # checks the names early
+        CheckpointWriter.select_leaves(trainer.model, self.model_names)  # checks the names early
 
     def is_better(self, value: float) -> bool:
         if math.isnan(value):

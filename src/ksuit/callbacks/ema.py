@@ -79,7 +79,7 @@ class EmaCallback(PeriodicCallback):
 
     # ---- averaging --------------------------------------------------------------------------------
     def before_training(self, trainer: BaseTrainer) -> None:
-        self.leaves = CheckpointWriter._select_leaves(trainer.model, self.model_paths)
+        self.leaves = CheckpointWriter.select_leaves(trainer.model, self.model_paths)
         self.ema = {
             (name, f): {k: v.detach().clone() for k, v in leaf.state_dict().items()}
             for name, leaf in self.leaves

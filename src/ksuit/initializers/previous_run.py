@@ -129,7 +129,7 @@ class PreviousRunInitializer(Initializer):
     def apply(self, trainer: BaseTrainer) -> None:
         model = trainer.model
         infos = list_checkpoints(self.run_dir)
-        for name, leaf in CheckpointWriter._select_leaves(model, self.model_names):
+        for name, leaf in CheckpointWriter.select_leaves(model, self.model_names):
             source = (
                 name if self.source_model_name is None else self.source_model_name + name[len(model.name) :]
             )

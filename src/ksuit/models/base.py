@@ -32,7 +32,8 @@ class ModelBase(nn.Module, metaclass=ABCMeta):
         super().__init__()
         if not isinstance(model_config, ModelBaseConfig):
             raise TypeError(
-                f"model_config must be a ModelBaseConfig (or subclass) instance, got {type(model_config).__name__}"
+                "model_config must be a ModelBaseConfig (or subclass) instance, "
+                f"got {type(model_config).__name__}"
             )
         self.model_config = model_config
         self.is_frozen = bool(is_frozen)
@@ -157,6 +158,10 @@ def unwrap_check(model: object) -> None:
             "so checkpoint keys carry no 'module.' prefix"
         )
     if type(model).__name__ == "OptimizedModule" and hasattr(model, "_orig_mod"):
-        raise TypeError("got a torch.compile-wrapped model; pass the original ksuit model (compiled._orig_mod)")
+        raise TypeError(
+            "got a torch.compile-wrapped model; pass the original ksuit model (compiled._orig_mod)"
+        )
     if not isinstance(model, ModelBase):
-        raise TypeError(f"model must be a ksuit ModelBase (Model or CompositeModel), got {type(model).__name__}")
+        raise TypeError(
+            f"model must be a ksuit ModelBase (Model or CompositeModel), got {type(model).__name__}"
+        )

@@ -38,4 +38,6 @@ class PathProvider:
         return path
 
     def __repr__(self) -> str:
-        return f"PathProvider({str(self.output_root_path)!r}, {self.run_id!r}, stage_name={self.stage_name!r})"
+        return (
+            f"PathProvider({str(self.output_root_path)!r}, {self.run_id!r}, stage_name={self.stage_name!r})"
+        )

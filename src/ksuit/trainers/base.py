@@ -534,29 +534,32 @@ class BaseTrainer:
         save_frozen_weights: bool = True,
     ) -> list[str]:
         """Saves the model through `CheckpointWriter.save` (with this trainer's state when
-        `include_trainer`), then tells every callback which tags now hold a trainer file.
+        `include_trainer`), then tells every callback which tags now hold a trainer file; the
+        files the callbacks write then join the same atomic set switch (`CheckpointWriter.batch`).
 
         Every rank must call it (the trainer state gathers RNG states); only rank 0 writes.
         Returns the tags written with a trainer file.
         """
-        self.checkpoint_writer.save(
-            self.model,
-            checkpoint_tag,
-            trainer=self if include_trainer else None,
-            save_weights=save_weights,
-            save_optim=save_optim,
-            save_latest_weights=save_latest_weights,
-            save_latest_optim=save_latest_optim,
-            model_names_to_save=model_names,
-            save_frozen_weights=save_frozen_weights,
-        )
-        if not include_trainer:
-            return []
-        tags = [checkpoint_tag]
-        if (save_latest_weights or save_latest_optim) and checkpoint_tag != LATEST:
+        tags = [checkpoint_tag] if include_trainer else []
+        if include_trainer and (save_latest_weights or save_latest_optim) and checkpoint_tag != LATEST:
             tags.append(LATEST)
-        for cb in self._ordered_callbacks():
-            cb.on_resumable_save(self, tags)
+        # one atomic switch for the model, optimizer and trainer files and whatever the callbacks
+        # add for the same tags (EMA weights): a crash leaves all of them old or all new
+        with self.checkpoint_writer.batch():
+            self.checkpoint_writer.save(
+                self.model,
+                checkpoint_tag,
+                trainer=self if include_trainer else None,
+                save_weights=save_weights,
+                save_optim=save_optim,
+                save_latest_weights=save_latest_weights,
+                save_latest_optim=save_latest_optim,
+                model_names_to_save=model_names,
+                save_frozen_weights=save_frozen_weights,
+            )
+            if tags:
+                for cb in self._ordered_callbacks():
+                    cb.on_resumable_save(self, tags)
         return tags
 
     def _stop_on_signal(self, signum: int) -> None:

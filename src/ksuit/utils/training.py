@@ -58,7 +58,9 @@ class TrainingIteration:
     def from_dict(cls, value: dict[str, Any]) -> TrainingIteration:
         unknown = set(value) - set(_FIELDS)
         if unknown:
-            raise ValueError(f"unknown training iteration keys {sorted(unknown)}; known: {', '.join(_FIELDS)}")
+            raise ValueError(
+                f"unknown training iteration keys {sorted(unknown)}; known: {', '.join(_FIELDS)}"
+            )
         return cls(**value)
 
     @staticmethod

@@ -6,8 +6,10 @@ checksummed, optionally asynchronous). This module only decides *what* is writte
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -41,13 +43,16 @@ class CheckpointKeys(enum.StrEnum):
     CHECKPOINT_TAG = "checkpoint_tag"
     """The checkpoint tag, e.g., "E10_U200_S800" or "latest"."""
     TRAINING_ITERATION = "training_iteration"
-    """The detailed information about training iteration as a dict with keys 'epoch', 'update', and 'sample'."""
+    """The detailed information about training iteration as a dict with keys 'epoch', 'update',
+    and 'sample'."""
     RUN_ID = "run_id"
     """The ID of the run from which this checkpoint was created."""
     MODEL_CONFIG = "model_config"
-    """The model configuration used to instantiate the model. A serialized dict of the pydantic model config."""
+    """The model configuration used to instantiate the model. A serialized dict of the pydantic
+    model config."""
     CONFIG_KIND = "config_kind"
-    """The kind (i.e., class path) of the model configuration. Used to instantiate the correct model configuration."""
+    """The kind (i.e., class path) of the model configuration. Used to instantiate the correct
+    model configuration."""
     CALLBACK_STATE_DICTS = "callback_state_dicts"
     """The state dicts of the callbacks."""
     GRAD_SCALER = "grad_scaler"
@@ -97,7 +102,8 @@ class CheckpointWriter:
             )
         if not hasattr(update_counter, "cur_iteration"):
             raise TypeError(
-                f"update_counter must be a ksuit.utils.training.UpdateCounter, got {type(update_counter).__name__}"
+                "update_counter must be a ksuit.utils.training.UpdateCounter, "
+                f"got {type(update_counter).__name__}"
             )
         get_format(format)
         if not isinstance(max_pending, int) or isinstance(max_pending, bool) or max_pending < 1:
@@ -110,6 +116,7 @@ class CheckpointWriter:
         self.format = format
         self._sync_writer: SetWriter | None = None
         self._async_writer: AsyncSetWriter | None = None
+        self._batch: list[PendingFile] | None = None
 
     # ---- public API -------------------------------------------------------------------------
     def save_model_checkpoint(
@@ -181,7 +188,7 @@ class CheckpointWriter:
         validate_tag(checkpoint_tag)
         if trainer is not None and not callable(getattr(trainer, "state_dict", None)):
             raise TypeError(f"trainer must have a state_dict() method, got {type(trainer).__name__}")
-        leaves = self._select_leaves(model, model_names_to_save)
+        leaves = self.select_leaves(model, model_names_to_save)
         # every rank takes part: trainer.state_dict() may gather RNG states collectively
         trainer_state = trainer.state_dict() if trainer is not None else None
         if trainer_state is not None:
@@ -203,15 +210,45 @@ class CheckpointWriter:
                 if want_weights and (save_frozen_weights or not leaf.is_frozen):
                     payload = self._model_payload(leaf.state_dict(), tag, leaf.model_config, {})
                     filename = checkpoint_filename(name, tag, "model", fmt=self.format)
-                    files.append(PendingFile(filename, payload, self.format, "model", model.name, tag, iteration))
+                    files.append(
+                        PendingFile(filename, payload, self.format, "model", model.name, tag, iteration)
+                    )
                 if want_optim and leaf.optimizer is not None:
                     optim_state = leaf.optimizer.state_dict()
                     filename = checkpoint_filename(name, tag, "optim")
-                    files.append(PendingFile(filename, optim_state, "torch", "optim", model.name, tag, iteration))
+                    files.append(
+                        PendingFile(filename, optim_state, "torch", "optim", model.name, tag, iteration)
+                    )
             if trainer_state is not None and (tag == checkpoint_tag or want_weights or want_optim):
                 filename = checkpoint_filename(model.name, tag, "trainer")
-                files.append(PendingFile(filename, trainer_state, "torch", "trainer", model.name, tag, iteration))
+                files.append(
+                    PendingFile(filename, trainer_state, "torch", "trainer", model.name, tag, iteration)
+                )
         self._submit(files)
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[CheckpointWriter]:
+        """Collects every save made inside the block into ONE atomic set switch.
+
+        Use it when files of several saves belong together, e.g. the trainer's `latest` and the
+        EMA weights written for the same update: a crash then leaves all of them old or all new.
+        Payloads are taken when the block ends (snapshotted then in async mode), so do not
+        change the saved tensors inside the block. An exception inside the block writes nothing.
+        Nested blocks join the outermost one.
+        """
+        if self._batch is not None:
+            yield self
+            return
+        self._batch = []
+        try:
+            yield self
+        except BaseException:
+            self._batch = None
+            raise
+        files, self._batch = self._batch, None
+        # a file saved twice in one batch (e.g. 'latest' by two callbacks) is written once, last wins
+        unique = {f.filename: f for f in files}
+        self._submit(list(unique.values()))
 
     def flush(self) -> None:
         """Blocks until every pending asynchronous save is on disk; re-raises a failed one."""
@@ -263,7 +300,10 @@ class CheckpointWriter:
         return payload
 
     @staticmethod
-    def _select_leaves(model: ModelBase, names: list[str] | None) -> list[tuple[str, ModelBase]]:
+    def select_leaves(model: ModelBase, names: list[str] | None) -> list[tuple[str, ModelBase]]:
+        """`(file name, leaf)` of the leaves `names` selects: submodel keys (`encoder`,
+        `backbone.encoder`) or full names (`autoencoder.encoder`); a composite's name selects
+        every leaf below it; None selects all. Unknown names are a ValueError listing the valid ones."""
         leaves = list(model.iter_leaves())
         if names is None:
             return leaves
@@ -279,12 +319,17 @@ class CheckpointWriter:
         unknown = [n for n in names if n not in selectable]
         if unknown:
             known = ", ".join(sorted(selectable))
-            raise ValueError(f"unknown submodel {', '.join(repr(u) for u in unknown)} of '{model.name}'; known: {known}")
+            raise ValueError(
+                f"unknown submodel {', '.join(repr(u) for u in unknown)} of '{model.name}'; known: {known}"
+            )
         wanted = {leaf for n in names for leaf in selectable[n]}
         return [(n, leaf) for n, leaf in leaves if n in wanted]
 
     def _submit(self, files: list[PendingFile]) -> None:
         if not files:
+            return
+        if self._batch is not None:
+            self._batch.extend(files)
             return
         folder = Path(self.path_provider.checkpoint_path)
         run_id = self.path_provider.run_id

@@ -37,7 +37,8 @@ def check_plain(obj: Any, where: str) -> None:
 def check_state_dict(state_dict: Any, where: str = "state_dict") -> None:
     if not isinstance(state_dict, dict):
         raise TypeError(
-            f"{where} must be a dict of str -> tensor (e.g. model.state_dict()), got {type(state_dict).__name__}"
+            f"{where} must be a dict of str -> tensor (e.g. model.state_dict()), "
+            f"got {type(state_dict).__name__}"
         )
     for key in state_dict:
         if not isinstance(key, str):
