@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from ksuit.cli import app
@@ -65,8 +66,10 @@ def ls_command(run_dir: Path = typer.Argument(..., help="run folder (<output_roo
     table.add_column("size", justify="right")
     for info in infos:
         it = str(info.training_iteration) if info.training_iteration is not None else "?"
-        model = f"{info.model_name} [{info.info}]" if info.info else info.model_name
-        table.add_row(model, info.tag, info.kind, it, info.format, human_bytes(info.size_bytes))
+        model = f"{info.model_name} ({info.info})" if info.info else info.model_name
+        # names and tags are data, not rich markup ('[' would be taken for a style)
+        cells = (model, info.tag, info.kind, it, info.format)
+        table.add_row(*(escape(c) for c in cells), human_bytes(info.size_bytes))
     console = _console()
     console.print(table)
     total = sum(i.size_bytes for i in infos)
@@ -110,11 +113,11 @@ def inspect_command(
     except (CorruptCheckpointError, UnsafeCheckpointError) as e:
         raise _fail(str(e).splitlines()[0], 1) from None
     console = _console()
-    console.print(f"[bold]{file}[/bold] ({human_bytes(file.stat().st_size)})")
+    console.print(f"[bold]{escape(str(file))}[/bold] ({human_bytes(file.stat().st_size)})")
     if isinstance(meta, dict):
         for key, value in meta.items():
             if not _has_tensor(value):
-                console.print(f"  {key}: {value!r}")
+                console.print(f"  {key}: {value!r}", markup=False)
     rows = _tensor_rows(meta)
     table = Table(title=f"{len(rows)} tensors")
     table.add_column("name")
@@ -123,7 +126,7 @@ def inspect_command(
     table.add_column("bytes", justify="right")
     shown = rows if max_tensors <= 0 else rows[:max_tensors]
     for name, shape, dtype, nbytes in shown:
-        table.add_row(name, str(tuple(shape)), dtype, str(nbytes))
+        table.add_row(escape(name), str(tuple(shape)), escape(dtype), str(nbytes))
     console.print(table)
     if len(shown) < len(rows):
         console.print(f"... {len(rows) - len(shown)} more tensors (--max-tensors 0 shows all)")
@@ -165,8 +168,8 @@ def verify_command(run_dir: Path = typer.Argument(..., help="run folder (<output
     for s in sets:
         it = s.training_iteration
         table.add_row(
-            s.group,
-            s.tag,
+            escape(s.group),
+            escape(s.tag),
             str(it) if it is not None else "?",
             str(len(s.manifest.files) if s.manifest else len(s.files)),
             human_bytes(s.size_bytes),
