@@ -54,8 +54,11 @@ class PeriodicCallback(Callback):
     """A callback whose `invoke()` runs every n epochs, updates and/or samples.
 
     With several periods it runs when any of them is due, at most once per update. With none it
-    never runs periodically (only its other hooks do).
+    runs every `default_every_n_epochs` epochs when a subclass sets that, and otherwise never
+    periodically (only its other hooks do).
     """
+
+    default_every_n_epochs: int | None = None
 
     def __init__(
         self,
@@ -72,6 +75,8 @@ class PeriodicCallback(Callback):
         ):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
                 raise ValueError(f"{what} must be a positive int or None, got {value!r}")
+        if every_n_epochs is None and every_n_updates is None and every_n_samples is None:
+            every_n_epochs = self.default_every_n_epochs
         self.every_n_epochs = every_n_epochs
         self.every_n_updates = every_n_updates
         self.every_n_samples = every_n_samples

@@ -199,6 +199,7 @@ class BestCheckpointCallback(PeriodicCallback):
 
     order = 10
     default_name = "best_checkpoint"
+    default_every_n_epochs = 1
 
     def __init__(
         self,
@@ -211,8 +212,6 @@ class BestCheckpointCallback(PeriodicCallback):
         name: str | None = None,
     ):
         super().__init__(every_n_epochs, every_n_updates, every_n_samples, name=name)
-        if not self.is_periodic:
-            self.every_n_epochs = 1
         if not isinstance(metric_key, str) or not metric_key:
             raise ValueError(f"metric_key must be a non-empty str such as 'loss/val', got {metric_key!r}")
         self.metric_key = metric_key

@@ -43,6 +43,7 @@ class ValidationLossCallback(PeriodicCallback):
 
     order = 0
     default_name = "validation_loss"
+    default_every_n_epochs = 1
 
     def __init__(
         self,
@@ -55,8 +56,6 @@ class ValidationLossCallback(PeriodicCallback):
         name: str | None = None,
     ):
         super().__init__(every_n_epochs, every_n_updates, every_n_samples, name=name)
-        if not self.is_periodic:
-            self.every_n_epochs = 1
         if batch_size is not None and (not isinstance(batch_size, int) or batch_size <= 0):
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         self.dataset = dataset
