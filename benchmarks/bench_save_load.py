@@ -40,7 +40,7 @@ SAVE_METHODS = [
     "raw_odirect",
     "memcpy",
     "ksuit_sync_torch",
-    "ksuit_sync_torch_odirect",
+    "ksuit_sync_torch_buffered",
     "ksuit_sync_safetensors",
     "ksuit_async",
     "torch_save",
@@ -245,9 +245,9 @@ def m_ksuit_sync_torch(ctx: dict) -> dict:
     return _ksuit_sync(ctx, "torch")
 
 
-def m_ksuit_sync_torch_odirect(ctx: dict) -> dict:
-    """The same with the opt-in O_DIRECT stream (`KSUIT_DIRECT_IO=1`)."""
-    os.environ["KSUIT_DIRECT_IO"] = "1"
+def m_ksuit_sync_torch_buffered(ctx: dict) -> dict:
+    """The same with the O_DIRECT stream switched off (`KSUIT_DIRECT_IO=0`): page-cache writes."""
+    os.environ["KSUIT_DIRECT_IO"] = "0"
     return _ksuit_sync(ctx, "torch")
 
 
