@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file as st_load_file
+from tests.conftest import FakeTrainer, autoencoder_config, train_one_step
 from typer.testing import CliRunner
 
 from ksuit.cli import app
@@ -12,7 +13,6 @@ from ksuit.readers import load_model, scan_sets, select_resume_set
 from ksuit.storage.loading import load_file
 from ksuit.writers import CheckpointWriter
 from ksuit.zoo.autoencoder import Autoencoder
-from tests.conftest import FakeTrainer, autoencoder_config, train_one_step
 
 runner = CliRunner()
 
