@@ -58,7 +58,7 @@ def test_error_is_raised_once_then_writer_goes_on(tmp_path, monkeypatch):
     monkeypatch.setitem(formats_module.FORMATS, "torch", Failing())
     writer = AsyncSetWriter(tmp_path)
     writer.submit([_file(1)])
-    with pytest.raises(RuntimeError, match="boom"):
+    with pytest.raises(ValueError, match="boom"):
         writer.flush()
     writer.flush()  # reported once
     monkeypatch.setitem(formats_module.FORMATS, "torch", TorchFormat())

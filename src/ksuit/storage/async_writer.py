@@ -97,7 +97,9 @@ class AsyncSetWriter:
             if not self._errors:
                 return
             first, self._errors = self._errors[0], []
-        raise RuntimeError(f"a background checkpoint write failed: {first}") from first
+        # the original exception, so callers can catch what a sync save raises (OSError ENOSPC, ...)
+        first.add_note(f"raised by a background checkpoint write to {self.folder}; that save is not on disk")
+        raise first
 
     def flush(self) -> None:
         """Blocks until every queued set is on disk; re-raises the first background error."""
