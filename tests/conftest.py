@@ -56,3 +56,36 @@ def path_provider(tmp_path) -> PathProvider:
 @pytest.fixture
 def update_counter() -> UpdateCounter:
     return UpdateCounter(None, TrainingIteration(epoch=30), updates_per_epoch=20, effective_batch_size=4)
+
+
+def assert_bitwise_equal(a, b, where: str = "") -> None:
+    """Nested dicts/lists of tensors and plain values are equal, tensors bit for bit."""
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            assert_bitwise_equal(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_bitwise_equal(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+def save_resumable_set(path_provider: PathProvider, update_counter: UpdateCounter) -> None:
+    """One save of the small autoencoder at update 1: progress tag and latest, with trainer."""
+    from ksuit.writers import CheckpointWriter
+    from ksuit.zoo.autoencoder import Autoencoder
+
+    model = Autoencoder(autoencoder_config()).initialize()
+    train_one_step(model)
+    update_counter.next_update()
+    CheckpointWriter(path_provider, update_counter).save(
+        model,
+        "E0_U1_S0",
+        trainer=FakeTrainer(update_counter),
+        save_latest_weights=True,
+        save_latest_optim=True,
+    )

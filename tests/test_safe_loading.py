@@ -16,9 +16,7 @@ from ksuit.readers import load_model, select_resume_set
 from ksuit.storage import UnsafeCheckpointError, load_file, read_metadata
 from ksuit.storage.atomic import hash_file
 from ksuit.storage.manifest import read_manifest
-from ksuit.writers.checkpoint_writer import CheckpointWriter
-from ksuit.zoo.autoencoder import Autoencoder
-from tests.conftest import FakeTrainer, autoencoder_config, train_one_step
+from tests.conftest import save_resumable_set
 
 
 class Payload:
@@ -47,16 +45,7 @@ def plant(path, marker) -> None:
 
 @pytest.fixture
 def run(path_provider, update_counter):
-    model = Autoencoder(autoencoder_config()).initialize()
-    train_one_step(model)
-    update_counter.next_update()
-    CheckpointWriter(path_provider, update_counter).save(
-        model,
-        "E0_U1_S0",
-        trainer=FakeTrainer(update_counter),
-        save_latest_weights=True,
-        save_latest_optim=True,
-    )
+    save_resumable_set(path_provider, update_counter)
     return path_provider.run_output_path, path_provider.checkpoint_path
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from tests.conftest import assert_bitwise_equal
 from typer.testing import CliRunner
 
 from ksuit.cli import app
@@ -114,22 +115,7 @@ def assert_same_final_files(reference: Path, resumed: Path, ema: bool) -> None:
             a, b = a["callback_state_dicts"], b["callback_state_dicts"]  # RNG of the same runs may not match
             for cb in ("sleep",):
                 a.pop(cb), b.pop(cb)
-        assert_equal(a, b, name)
-
-
-def assert_equal(a, b, where):
-    if isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for key in a:
-            assert_equal(a[key], b[key], f"{where}:{key}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            assert_equal(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, where
+        assert_bitwise_equal(a, b, name)
 
 
 def resume_command_of(out: str) -> list[str]:

@@ -12,9 +12,7 @@ from ksuit.cli import app
 from ksuit.layout import temp_filename
 from ksuit.readers import select_resume_set
 from ksuit.storage.transaction import folder_lock, recover_folder
-from ksuit.writers.checkpoint_writer import CheckpointWriter
-from ksuit.zoo.autoencoder import Autoencoder
-from tests.conftest import FakeTrainer, autoencoder_config, train_one_step
+from tests.conftest import save_resumable_set
 
 HOLD_S = 1.0
 
@@ -61,16 +59,7 @@ def test_recovery_in_another_process_waits_for_the_save_in_flight(tmp_path):
 
 
 def test_verify_and_resume_wait_too(path_provider, update_counter):
-    model = Autoencoder(autoencoder_config()).initialize()
-    train_one_step(model)
-    update_counter.next_update()
-    CheckpointWriter(path_provider, update_counter).save(
-        model,
-        "E0_U1_S0",
-        trainer=FakeTrainer(update_counter),
-        save_latest_weights=True,
-        save_latest_optim=True,
-    )
+    save_resumable_set(path_provider, update_counter)
     folder, run_dir = path_provider.checkpoint_path, path_provider.run_output_path
     for check in (
         lambda: CliRunner().invoke(app, ["verify", str(run_dir)]).exit_code,

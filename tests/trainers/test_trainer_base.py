@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tests.conftest import assert_bitwise_equal
 from torch.utils.data import DataLoader, TensorDataset
 
 from ksuit.callbacks import Callback, CheckpointCallback
@@ -42,21 +43,6 @@ def data(n=32):
 
 def weights(m):
     return {k: v.clone() for k, v in m.state_dict().items()}
-
-
-def assert_bitwise_equal(a, b, where=""):
-    if isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for k in a:
-            assert_bitwise_equal(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            assert_bitwise_equal(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, where
 
 
 class SendSignalAt(Callback):
