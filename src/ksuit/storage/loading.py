@@ -71,8 +71,10 @@ def load_file(path: str | Path, map_location: Any = "cpu", mmap: bool = False) -
         from safetensors.torch import load_file as st_load
 
         metadata = read_safetensors_header(path).get("__metadata__") or {}
-        device = "cpu" if map_location is None or not isinstance(map_location, (str, torch.device)) else str(
-            map_location
+        device = (
+            "cpu"
+            if map_location is None or not isinstance(map_location, (str, torch.device))
+            else str(map_location)
         )
         try:
             state_dict = st_load(str(path), device=device)
@@ -105,8 +107,11 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
 
 def _describe(obj: Any) -> Any:
     if isinstance(obj, torch.Tensor):
-        return {"shape": list(obj.shape), "dtype": str(obj.dtype).removeprefix("torch."),
-                "nbytes": obj.numel() * obj.element_size()}
+        return {
+            "shape": list(obj.shape),
+            "dtype": str(obj.dtype).removeprefix("torch."),
+            "nbytes": obj.numel() * obj.element_size(),
+        }
     if isinstance(obj, dict):
         return {k: _describe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
