@@ -112,6 +112,18 @@ class HashingSink:
         self.nbytes += total
         return total
 
+    def fileno(self) -> int:
+        """The descriptor of the temporary file, for writers that place bytes themselves."""
+        return self._fd
+
+    def account(self, data) -> None:  # noqa: ANN001 - any buffer
+        """Hashes and counts bytes a caller wrote at the end of the file itself (e.g. through
+        O_DIRECT); they must come in file order, like `write`."""
+        view = memoryview(data).cast("B")
+        self._hash.update(view)
+        self.attempted += view.nbytes
+        self.nbytes += view.nbytes
+
     def flush(self) -> None:
         pass
 

@@ -52,8 +52,8 @@ def _bounce_buffers() -> list[mmap.mmap]:
 
 
 def _can_wrap(sink: Any) -> bool:
-    # the HashingSink of ksuit.storage.atomic: its descriptor, hash and byte count
-    return all(hasattr(sink, a) for a in ("_fd", "_hash", "nbytes", "path")) and sink._fd >= 0
+    # a HashingSink of ksuit.storage.atomic: its descriptor, and `account` for bytes written here
+    return all(hasattr(sink, a) for a in ("fileno", "account", "nbytes", "path")) and sink.fileno() >= 0
 
 
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
@@ -93,10 +93,9 @@ class DirectStream:
             n = min(view.nbytes, BOUNCE_BYTES - self._fill)
             dst = self._views[self._current]
             dst[self._fill : self._fill + n] = view[:n]  # one memcpy
-            self.sink._hash.update(dst[self._fill : self._fill + n])
+            self.sink.account(dst[self._fill : self._fill + n])
             self._fill += n
             self.pos += n
-            self.sink.nbytes += n
             view = view[n:]
             if self._fill == BOUNCE_BYTES:
                 self._submit(self._fill)
@@ -112,9 +111,8 @@ class DirectStream:
         return True
 
     def _buffered(self, view: memoryview) -> None:
-        _pwrite_all(self.sink._fd, view, self.pos)
-        self.sink._hash.update(view)
-        self.sink.nbytes += view.nbytes
+        _pwrite_all(self.sink.fileno(), view, self.pos)
+        self.sink.account(view)
         self.pos += view.nbytes
 
     def _submit(self, nbytes: int) -> None:
@@ -136,7 +134,7 @@ class DirectStream:
                 if e.errno != 22:  # EINVAL: this file system takes no O_DIRECT writes
                     raise
                 self.fallback = True
-        _pwrite_all(self.sink._fd, view, offset)
+        _pwrite_all(self.sink.fileno(), view, offset)
 
     def _wait(self, index: int) -> None:
         future, self._pending[index] = self._pending[index], None
@@ -155,13 +153,13 @@ class DirectStream:
                         self._write_block, self._views[self._current][:aligned], self._fill_offset
                     )
                 if tail.nbytes:
-                    _pwrite_all(self.sink._fd, tail, tail_offset)
+                    _pwrite_all(self.sink.fileno(), tail, tail_offset)
             for i in (0, 1):
                 self._wait(i)
         finally:
             self._pool.shutdown(wait=True)
             os.close(self._direct_fd)
-            os.lseek(self.sink._fd, self.pos, os.SEEK_SET)
+            os.lseek(self.sink.fileno(), self.pos, os.SEEK_SET)
 
 
 class _Plain:
