@@ -271,16 +271,17 @@ def test_resuming_a_finished_run_trains_nothing(tmp_path, caplog):
 
 
 def test_resume_initializer_directly(tmp_path):
-    m = model()
-    callbacks = [
-        CheckpointCallback(
+    def latest_every_2_updates():
+        return CheckpointCallback(
             save_weights=False,
             save_optim=False,
             save_latest_weights=True,
             save_latest_optim=True,
             every_n_updates=2,
         )
-    ]
+
+    m = model()
+    callbacks = [latest_every_2_updates()]
     ReconstructionTrainer(
         PathProvider(tmp_path, "r"), effective_batch_size=8, max_updates=6, device="cpu", callbacks=callbacks
     ).fit(m, data())
@@ -290,15 +291,7 @@ def test_resume_initializer_directly(tmp_path):
         effective_batch_size=8,
         max_updates=6,
         device="cpu",
-        callbacks=[
-            CheckpointCallback(
-                save_weights=False,
-                save_optim=False,
-                save_latest_weights=True,
-                save_latest_optim=True,
-                every_n_updates=2,
-            )
-        ],
+        callbacks=[latest_every_2_updates()],
     )
     trainer.fit(fresh, data(), initializer=ResumeInitializer(tmp_path / "r"))
     assert_bitwise_equal(weights(fresh), weights(m))
