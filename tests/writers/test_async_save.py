@@ -232,3 +232,81 @@ def test_async_files_carry_no_stale_bytes_of_earlier_larger_saves(path_provider,
     folder = path_provider.checkpoint_path
     assert (folder / "small_cp=E0_U0_S0_model.th").stat().st_size < 64 * 1024
     assert torch.equal(load_file(folder / "small_cp=E0_U0_S0_model.th")["state_dict"]["w"], torch.ones(10))
+
+
+_BIG_EXIT_SCRIPT = """
+import sys, torch
+from ksuit.providers import PathProvider
+from ksuit.storage import direct_io
+from ksuit.utils.training import TrainingIteration, UpdateCounter
+from ksuit.writers import CheckpointWriter
+
+uc = UpdateCounter(None, TrainingIteration(epoch=3), updates_per_epoch=2, effective_batch_size=1)
+w = CheckpointWriter(PathProvider({out!r}, "run"), uc, async_save=True, max_pending=3)
+numel = (direct_io.MIN_DIRECT_BYTES + (1 << 20)) // 4  # 33 MiB: written with O_DIRECT
+for i in range(3):
+    tag = f"E{{i}}_U0_S0"
+    w.save_model_checkpoint(f"net_cp={{tag}}_model.th", {{"w": torch.full((numel,), float(i))}}, tag)
+print("returned", flush=True)
+"""
+
+
+def _run_script(script: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(REPO / "src")},
+    )
+
+
+def test_interpreter_exit_writes_queued_saves_of_large_files(tmp_path):
+    # files >= 32 MiB go through O_DIRECT with a helper thread; at exit that must still work
+    out = tmp_path / "out"
+    proc = _run_script(_BIG_EXIT_SCRIPT.format(out=str(out)))
+    assert proc.returncode == 0, proc.stderr
+    assert "failed" not in proc.stderr, proc.stderr
+    folder = out / "run" / "checkpoints"
+    for i in range(3):
+        manifest = read_manifest(folder / f"net_cp=E{i}_U0_S0.manifest.json")
+        for name, entry in manifest.files.items():
+            assert verify_file(folder, name, entry) is None, name
+        w = torch.load(folder / f"net_cp=E{i}_U0_S0_model.th", weights_only=True, mmap=True)["state_dict"][
+            "w"
+        ]
+        assert w.numel() * 4 > 32 << 20 and bool((w == float(i)).all())
+
+
+_FAILING_EXIT_SCRIPT = """
+import torch
+from ksuit.providers import PathProvider
+from ksuit.storage import formats
+from ksuit.utils.training import TrainingIteration, UpdateCounter
+from ksuit.writers import CheckpointWriter
+
+class FailsForRunA(formats.TorchFormat):
+    def write(self, payload, sink):
+        if payload["run_id"] == "a":
+            raise OSError(28, "simulated: no space left on device")
+        super().write(payload, sink)
+
+formats.FORMATS["torch"] = FailsForRunA()
+uc = UpdateCounter(None, TrainingIteration(epoch=3), updates_per_epoch=2, effective_batch_size=1)
+for run in ("a", "b"):  # two writers: a failure in the first must not stop the second's writes
+    w = CheckpointWriter(PathProvider({out!r}, run), uc, async_save=True)
+    w.save_model_checkpoint("net_cp=E0_U0_S0_model.th", {{"w": torch.full((8,), 1.0)}}, "E0_U0_S0")
+print("returned", flush=True)
+"""
+
+
+def test_a_save_failing_at_interpreter_exit_ends_the_process_with_an_error(tmp_path):
+    out = tmp_path / "out"
+    proc = _run_script(_FAILING_EXIT_SCRIPT.format(out=str(out)))
+    assert "returned" in proc.stdout, proc.stderr
+    assert proc.returncode == 1, proc.stderr
+    assert "simulated: no space left on device" in proc.stderr
+    assert "not on disk" in proc.stderr and str(out / "a" / "checkpoints") in proc.stderr
+    assert not (out / "a" / "checkpoints" / "net_cp=E0_U0_S0_model.th").exists()
+    payload = torch.load(out / "b" / "checkpoints" / "net_cp=E0_U0_S0_model.th", weights_only=True)
+    assert torch.equal(payload["state_dict"]["w"], torch.full((8,), 1.0))
