@@ -27,9 +27,20 @@ EXAMPLE = HERE.parents[1] / "examples" / "autoencoder.yaml"
 pytestmark = pytest.mark.slow
 
 
-def write_config(tmp_path: Path, ema: bool = True, epochs: int = 5) -> Path:
+# ways to save: the trainer options each adds to the config (the SIGKILL test runs them all)
+SAVE_MODES = {
+    "sync": {},
+    "async": {"async_save": True},
+    "async-safetensors": {"async_save": True, "checkpoint_format": "safetensors"},
+}
+
+
+def write_config(
+    tmp_path: Path, ema: bool = True, epochs: int = 5, trainer_options: dict | None = None
+) -> Path:
     raw = yaml.safe_load(TINY.read_text())
     raw["trainer"]["max_epochs"] = epochs
+    raw["trainer"].update(trainer_options or {})
     if not ema:
         raw["callbacks"] = [c for c in raw["callbacks"] if c["kind"] != "ema"]
     raw["callbacks"].append({"kind": "slow_callbacks.Sleep", "seconds": 0.0})
@@ -104,12 +115,13 @@ def interrupt(command: list[str], run_dir: Path, signum: int) -> tuple[int, str]
     return proc.returncode, out
 
 
-def assert_same_final_files(reference: Path, resumed: Path, ema: bool) -> None:
+def assert_same_final_files(reference: Path, resumed: Path, ema: bool, weights_ext: str = "th") -> None:
     ref_dir, res_dir = reference / "checkpoints", resumed / "checkpoints"
-    names = sorted(p.name for p in ref_dir.glob("*_cp=last_*.th"))
+    names = sorted(p.name for p in ref_dir.glob("*_cp=last_*") if not p.name.endswith(".json"))
     expected = 2 * 2 + 1 + (2 if ema else 0)  # weights + optim of both, trainer, EMA of both
     assert len(names) == expected, names
-    for name in names + ["autoencoder.encoder_cp=best_model.loss.val_model.th"]:
+    assert {f"autoencoder.{m}_cp=last_model.{weights_ext}" for m in ("encoder", "decoder")} <= set(names)
+    for name in names + [f"autoencoder.encoder_cp=best_model.loss.val_model.{weights_ext}"]:
         a, b = load_file(ref_dir / name), load_file(res_dir / name)
         if name.endswith("_trainer.th"):
             a, b = a["callback_state_dicts"], b["callback_state_dicts"]  # RNG of the same runs may not match
@@ -124,12 +136,26 @@ def resume_command_of(out: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """An uninterrupted run of the same config (with EMA)."""
-    folder = tmp_path_factory.mktemp("reference")
-    config = write_config(folder, ema=True)
-    train_in_process(str(config), "--output", str(folder), "--run-id", "run")
-    return folder / "run"
+def uninterrupted(tmp_path_factory):
+    """`uninterrupted(fmt)`: an uninterrupted run of the same config (with EMA, saving
+    synchronously) writing weights in format `fmt`; run once per format."""
+    runs: dict[str, Path] = {}
+
+    def run(fmt: str = "torch") -> Path:
+        if fmt not in runs:
+            folder = tmp_path_factory.mktemp(f"reference-{fmt}")
+            config = write_config(folder, ema=True, trainer_options={"checkpoint_format": fmt})
+            train_in_process(str(config), "--output", str(folder), "--run-id", "run")
+            runs[fmt] = folder / "run"
+        return runs[fmt]
+
+    return run
+
+
+@pytest.fixture(scope="module")
+def reference(uninterrupted):
+    """An uninterrupted run of the default config (with EMA)."""
+    return uninterrupted("torch")
 
 
 def test_sigterm_then_resume_is_bitwise_equal(tmp_path, reference):
@@ -145,16 +171,21 @@ def test_sigterm_then_resume_is_bitwise_equal(tmp_path, reference):
     assert_same_final_files(reference, tmp_path / "run", ema=True)
 
 
-def test_sigkill_then_resume_is_bitwise_equal(tmp_path, reference):
+@pytest.mark.parametrize("save_mode", list(SAVE_MODES))
+def test_sigkill_then_resume_is_bitwise_equal(tmp_path, uninterrupted, save_mode):
     # the EMA files join the trainer's set switch, so even they are exact whatever the moment
-    config = write_config(tmp_path, ema=True)
+    options = SAVE_MODES[save_mode]
+    fmt = options.get("checkpoint_format", "torch")
+    reference = uninterrupted(fmt)  # async saving ends bitwise equal to an uninterrupted sync run
+    config = write_config(tmp_path, ema=True, trainer_options=options)
     command = ksuit_train(str(config), "--output", str(tmp_path), "--run-id", "run")
     code, out = interrupt(command, tmp_path / "run", signal.SIGKILL)
     assert code == -signal.SIGKILL, out
     out = train_in_process(str(config), "--output", str(tmp_path), "--run-id", "run", "--resume")
     assert "resuming from checkpoint" in out
     assert "will differ from an uninterrupted run" not in out
-    assert_same_final_files(reference, tmp_path / "run", ema=True)
+    weights_ext = "safetensors" if fmt == "safetensors" else "th"
+    assert_same_final_files(reference, tmp_path / "run", ema=True, weights_ext=weights_ext)
 
 
 def test_torchrun_two_processes_stop_and_resume(tmp_path):

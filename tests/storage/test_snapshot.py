@@ -1,5 +1,6 @@
 """Snapshots: exact copies in reused buffers, aliases kept, steady state allocates nothing."""
 
+import io
 from collections import OrderedDict
 
 import pytest
@@ -49,7 +50,43 @@ def test_each_file_gets_its_own_exactly_sized_storage():
     s0 = snap[0]["state_dict"]["w"].untyped_storage()
     s1 = snap[1]["state"][0]["m"].untyped_storage()
     assert s0.data_ptr() != s1.data_ptr()
-    assert s1.nbytes() == 64 + 64  # step (4 bytes) and m (28 bytes), each 64-byte aligned
+    assert s1.nbytes() == 64 + 28  # step (4 bytes, padded to 64) then m (28 bytes): no trailing padding
+
+
+def test_each_dtype_of_a_file_gets_its_own_storage_and_the_file_loads():
+    # a trainer state: float, int64 and uint8 tensors in one file; torch refuses one storage
+    # viewed as several dtypes, so each dtype needs its own
+    payload = {
+        "w": torch.randn(5),
+        "counter": torch.tensor(7),
+        "rng": torch.get_rng_state(),
+        "flags": torch.tensor([True, False]),
+        "steps": torch.arange(4),
+        "half": torch.randn(3).half(),
+    }
+    snap = take_snapshot([payload], SnapshotBuffer())[0]
+    storages = {}
+    for t in snap.values():
+        storages.setdefault(t.dtype, set()).add(t.untyped_storage().data_ptr())
+    assert all(len(ptrs) == 1 for ptrs in storages.values())  # one region per dtype ...
+    all_ptrs = [next(iter(p)) for p in storages.values()]
+    assert len(set(all_ptrs)) == len(all_ptrs)  # ... each a storage of its own
+    buf = io.BytesIO()
+    torch.save(snap, buf)  # torch.save itself accepts it
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=True)
+    for key, value in payload.items():
+        assert loaded[key].dtype == value.dtype and torch.equal(loaded[key], value), key
+
+
+def test_padding_between_tensors_is_zero_not_stale_bytes():
+    buffer = SnapshotBuffer()
+    take_snapshot([{"big": torch.full((1000,), -1.0)}], buffer)  # the buffer now holds 0xff.. bytes
+    snap = take_snapshot([{"a": torch.ones(3), "b": torch.ones(3)}], buffer)[0]
+    region = snap["a"].untyped_storage()
+    raw = torch.empty(0, dtype=torch.uint8).set_(region)
+    assert raw.numel() == 64 + 12
+    assert raw[12:64].eq(0).all()  # the padding after "a"
 
 
 def test_steady_state_reuses_buffers_and_views():
@@ -78,10 +115,13 @@ def test_pool_validates_and_blocks():
     with pytest.raises(ValueError, match="max_pending"):
         SnapshotPool(0)
     pool = SnapshotPool(1)
+    assert pool.free_count == 1 and len(pool.buffers) == 1
     buffer = pool.acquire()
+    assert pool.free_count == 0 and pool.buffers == (buffer,)
     with pytest.raises(TimeoutError):
         pool.acquire(timeout=0.05)
     pool.release(buffer)
+    assert pool.free_count == 1
     assert pool.acquire(timeout=0.05) is buffer
 
 

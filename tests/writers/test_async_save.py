@@ -6,6 +6,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import OrderedDict
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from ksuit.storage import formats as formats_module
 from ksuit.storage.formats import TorchFormat
 from ksuit.storage.loading import load_file
 from ksuit.storage.manifest import read_manifest, verify_file
+from ksuit.storage.snapshot import SnapshotPool
 from ksuit.writers import CheckpointWriter
 from ksuit.zoo.autoencoder import Autoencoder
 from tests.conftest import FakeTrainer, autoencoder_config, train_one_step
@@ -92,7 +94,7 @@ def test_snapshot_buffers_are_reused_across_saves(path_provider, update_counter,
     for i in range(3):
         writer.save(model, f"E{i}_U0_S0", save_latest_weights=True)
         writer.flush()
-        (buffer,) = writer._async_writer.pool._free
+        (buffer,) = writer._async_writer.pool.buffers
         ptrs.append([b.data_ptr() for b in buffer.buffers])
     assert ptrs[0] and ptrs[0] == ptrs[1] == ptrs[2]
     writer.close()
@@ -123,7 +125,19 @@ def test_saves_complete_in_order_and_latest_is_the_newest(path_provider, update_
     assert tags == {"E1_U0_S0", "E2_U0_S0", "E3_U0_S0", "E4_U0_S0", "E5_U0_S0", "latest"}
 
 
-def test_backpressure_at_most_max_pending_snapshots(path_provider, update_counter, model, gated):
+def test_backpressure_at_most_max_pending_snapshots(path_provider, update_counter, model, gated, monkeypatch):
+    acquires = []  # one (entered, returned) pair of events per acquire()
+    original_acquire = SnapshotPool.acquire
+
+    def acquire(self, timeout=None):
+        entered, returned = threading.Event(), threading.Event()
+        acquires.append((entered, returned))
+        entered.set()
+        buffer = original_acquire(self, timeout)
+        returned.set()
+        return buffer
+
+    monkeypatch.setattr(SnapshotPool, "acquire", acquire)
     writer = CheckpointWriter(path_provider, update_counter, async_save=True, max_pending=2)
     done = []
 
@@ -134,16 +148,21 @@ def test_backpressure_at_most_max_pending_snapshots(path_provider, update_counte
 
     t = threading.Thread(target=saver, daemon=True)
     t.start()
-    time.sleep(1.0)
+    deadline = time.monotonic() + 30
+    while len(acquires) < 3:  # the third save() asks for a buffer
+        assert time.monotonic() < deadline, "the third save never asked for a snapshot buffer"
+        time.sleep(0.01)
     # the first save is being written (blocked on the gate), the second waits in the queue;
-    # both buffers are in flight, so the third save() must wait
+    # both buffers are in flight, so the third save() waits while the gate is closed
     assert done == [0, 1]
-    assert len(writer._async_writer.pool._free) == 0
+    assert writer._async_writer.pool.free_count == 0
+    assert not acquires[2][1].wait(0.2)
     gated.gate.set()
     t.join(30)
     assert done == [0, 1, 2, 3]
     writer.flush()
-    assert len(writer._async_writer.pool._free) == 2  # never more than max_pending buffers
+    pool = writer._async_writer.pool
+    assert pool.free_count == len(pool.buffers) == 2  # never more than max_pending buffers
     writer.close()
 
 
@@ -157,7 +176,7 @@ def test_failed_background_write_raises_on_next_save_and_flush(
         writer.flush()
     assert "background checkpoint write" in "".join(info.value.__notes__)
     writer.save(model, "E2_U0_S0")
-    time.sleep(0.5)
+    # the next save waits for E2's buffer (max_pending=1), so E2's failure is known by then
     with pytest.raises(OSError, match="simulated I/O error"):
         writer.save(model, "E3_U0_S0")
     folder = path_provider.checkpoint_path
@@ -232,3 +251,175 @@ def test_async_files_carry_no_stale_bytes_of_earlier_larger_saves(path_provider,
     folder = path_provider.checkpoint_path
     assert (folder / "small_cp=E0_U0_S0_model.th").stat().st_size < 64 * 1024
     assert torch.equal(load_file(folder / "small_cp=E0_U0_S0_model.th")["state_dict"]["w"], torch.ones(10))
+
+
+def _rich_state_dict(safetensors: bool) -> OrderedDict:
+    """Every kind of tensor a synchronous save stores: mixed dtypes (a trainer state holds int64
+    and uint8 RNG tensors, a BatchNorm an int64 counter), 0-dim, empty, views, aliases."""
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(6, 4, generator=g)
+    sd = OrderedDict(
+        f32=base,
+        tied=base,  # the same tensor twice
+        row=base[2],  # views of base: same storage, other offsets and strides
+        t=base.t(),
+        strided=base[:, ::2],
+        f64=torch.randn(5, dtype=torch.float64, generator=g),
+        f16=torch.randn(5, generator=g).half(),
+        bf16=torch.randn(5, generator=g).bfloat16(),
+        i64=torch.arange(7),
+        i32=torch.arange(3, dtype=torch.int32),
+        i16=torch.arange(3, dtype=torch.int16),
+        i8=torch.arange(-3, 3, dtype=torch.int8),
+        rng=torch.get_rng_state(),  # uint8
+        flags=torch.tensor([True, False, True]),
+        num_batches_tracked=torch.tensor(7),  # 0-dim int64
+        scalar=torch.tensor(1.5),
+        empty=torch.zeros(0, 3),
+        empty_int=torch.zeros(0, dtype=torch.int64),
+        param=torch.nn.Parameter(torch.randn(3, generator=g)),
+    )
+    if not safetensors:  # dtypes and kinds safetensors does not store
+        sd["c64"] = torch.randn(3, dtype=torch.complex64, generator=g)
+        sd["c128"] = torch.randn(2, dtype=torch.complex128, generator=g)
+        sd["grad"] = torch.randn(2, generator=g).requires_grad_()
+        sd["meta"] = torch.empty(4, device="meta")
+    return sd
+
+
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().reshape(-1).contiguous().view(torch.uint8)
+
+
+@pytest.mark.parametrize("fmt", ["torch", "safetensors"])
+def test_async_saves_every_payload_sync_saves_with_the_same_values(tmp_path, update_counter, fmt):
+    from ksuit.providers import PathProvider
+
+    ext = "safetensors" if fmt == "safetensors" else "th"
+    name = f"net_cp=E1_U0_S0_model.{ext}"
+    files = {}
+    for mode in ("sync", "async"):
+        sd = _rich_state_dict(safetensors=fmt == "safetensors")
+        provider = PathProvider(tmp_path / mode, "run")
+        with CheckpointWriter(provider, update_counter, async_save=mode == "async", format=fmt) as writer:
+            writer.save_model_checkpoint(name, sd, "E1_U0_S0", note="x")
+        files[mode] = provider.checkpoint_path / name
+        assert read_manifest(provider.checkpoint_path / "net_cp=E1_U0_S0.manifest.json").files
+    if fmt == "torch":  # plain torch, no ksuit: what a user without ksuit gets
+        sync, loaded = (torch.load(files[m], weights_only=True) for m in ("sync", "async"))
+    else:
+        sync, loaded = (load_file(files[m]) for m in ("sync", "async"))
+    assert loaded.keys() == sync.keys() and loaded["note"] == "x"
+    expected, got = sync["state_dict"], loaded["state_dict"]
+    assert sorted(got) == sorted(expected)  # (safetensors loads in file order; empty tensors tie)
+    for key, want in expected.items():
+        have = got[key]
+        assert (type(have), have.dtype, have.shape, have.device, have.requires_grad) == (
+            type(want),
+            want.dtype,
+            want.shape,
+            want.device,
+            want.requires_grad,
+        ), key
+        if want.device.type != "meta":
+            assert torch.equal(_bytes(have), _bytes(want)), key
+    if fmt == "torch":
+        assert got["tied"] is got["f32"]  # an alias stays one tensor, as in the sync file
+
+
+def test_async_trainer_state_with_mixed_dtype_rng_is_saved(path_provider, update_counter, model):
+    """The trainer file holds int64 and uint8 tensors next to each other: the first async save of
+    every training run."""
+
+    class Trainer(FakeTrainer):
+        def state_dict(self):
+            state = super().state_dict()
+            state["rng"]["seed"] = torch.tensor(1234)
+            state["rng"]["cuda"] = [torch.get_rng_state()]
+            return state
+
+    with CheckpointWriter(path_provider, update_counter, async_save=True) as writer:
+        writer.save(model, "E1_U0_S0", trainer=Trainer(update_counter))
+    folder = path_provider.checkpoint_path
+    state = torch.load(folder / "autoencoder_cp=E1_U0_S0_trainer.th", weights_only=True)
+    assert state["rng"]["seed"].item() == 1234 and state["rng"]["torch"].dtype == torch.uint8
+    s, _ = select_resume_set(path_provider.run_output_path, "autoencoder")
+    assert s.tag == "E1_U0_S0" and s.ok
+
+
+_BIG_EXIT_SCRIPT = """
+import sys, torch
+from ksuit.providers import PathProvider
+from ksuit.storage import direct_io
+from ksuit.utils.training import TrainingIteration, UpdateCounter
+from ksuit.writers import CheckpointWriter
+
+uc = UpdateCounter(None, TrainingIteration(epoch=3), updates_per_epoch=2, effective_batch_size=1)
+w = CheckpointWriter(PathProvider({out!r}, "run"), uc, async_save=True, max_pending=3)
+numel = (direct_io.MIN_DIRECT_BYTES + (1 << 20)) // 4  # 33 MiB: written with O_DIRECT
+for i in range(3):
+    tag = f"E{{i}}_U0_S0"
+    w.save_model_checkpoint(f"net_cp={{tag}}_model.th", {{"w": torch.full((numel,), float(i))}}, tag)
+print("returned", flush=True)
+"""
+
+
+def _run_script(script: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(REPO / "src")},
+    )
+
+
+def test_interpreter_exit_writes_queued_saves_of_large_files(tmp_path):
+    # files >= 32 MiB go through O_DIRECT with a helper thread; at exit that must still work
+    out = tmp_path / "out"
+    proc = _run_script(_BIG_EXIT_SCRIPT.format(out=str(out)))
+    assert proc.returncode == 0, proc.stderr
+    assert "failed" not in proc.stderr, proc.stderr
+    folder = out / "run" / "checkpoints"
+    for i in range(3):
+        manifest = read_manifest(folder / f"net_cp=E{i}_U0_S0.manifest.json")
+        for name, entry in manifest.files.items():
+            assert verify_file(folder, name, entry) is None, name
+        w = torch.load(folder / f"net_cp=E{i}_U0_S0_model.th", weights_only=True, mmap=True)["state_dict"][
+            "w"
+        ]
+        assert w.numel() * 4 > 32 << 20 and bool((w == float(i)).all())
+
+
+_FAILING_EXIT_SCRIPT = """
+import torch
+from ksuit.providers import PathProvider
+from ksuit.storage import formats
+from ksuit.utils.training import TrainingIteration, UpdateCounter
+from ksuit.writers import CheckpointWriter
+
+class FailsForRunA(formats.TorchFormat):
+    def write(self, payload, sink):
+        if payload["run_id"] == "a":
+            raise OSError(5, "simulated I/O error at exit")
+        super().write(payload, sink)
+
+formats.FORMATS["torch"] = FailsForRunA()
+uc = UpdateCounter(None, TrainingIteration(epoch=3), updates_per_epoch=2, effective_batch_size=1)
+for run in ("a", "b"):  # two writers: a failure in the first must not stop the second's writes
+    w = CheckpointWriter(PathProvider({out!r}, run), uc, async_save=True)
+    w.save_model_checkpoint("net_cp=E0_U0_S0_model.th", {{"w": torch.full((8,), 1.0)}}, "E0_U0_S0")
+print("returned", flush=True)
+"""
+
+
+def test_a_save_failing_at_interpreter_exit_ends_the_process_with_an_error(tmp_path):
+    out = tmp_path / "out"
+    proc = _run_script(_FAILING_EXIT_SCRIPT.format(out=str(out)))
+    assert "returned" in proc.stdout, proc.stderr
+    assert proc.returncode == 1, proc.stderr
+    assert "simulated I/O error at exit" in proc.stderr
+    assert "not on disk" in proc.stderr and str(out / "a" / "checkpoints") in proc.stderr
+    assert not (out / "a" / "checkpoints" / "net_cp=E0_U0_S0_model.th").exists()
+    payload = torch.load(out / "b" / "checkpoints" / "net_cp=E0_U0_S0_model.th", weights_only=True)
+    assert torch.equal(payload["state_dict"]["w"], torch.full((8,), 1.0))

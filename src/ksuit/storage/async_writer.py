@@ -5,7 +5,12 @@ returns; one background thread writes the sets through `SetWriter`, so every cra
 guarantee of the synchronous path holds (temp files, streaming checksum, fsync, manifest,
 journal). Sets are written in submission order, so a `latest` of an older save never replaces
 a newer one. The first error of a background write is re-raised by the next `submit()` or
-`flush()`; interpreter exit flushes.
+`flush()`.
+
+Interpreter exit waits for every queued save of every open writer (one exit handler for all). A
+save that fails then cannot be raised to anyone: its error is printed to stderr and the process
+ends with exit code 1 (`os._exit`, skipping exit handlers not yet run), because an exception in an
+exit handler is only printed and a lost checkpoint would otherwise end in exit code 0.
 
 Peak extra host memory: `max_pending` snapshot buffers, each as large as the tensors of the
 largest save so far (every tensor rounded up to 64 bytes; aliases stored once), i.e. about
@@ -17,9 +22,13 @@ while all buffers are in flight, so a slow disk slows the saver rather than grow
 from __future__ import annotations
 
 import atexit
+import itertools
 import logging
+import os
 import queue
+import sys
 import threading
+import traceback
 import weakref
 from collections.abc import Callable
 from pathlib import Path
@@ -28,6 +37,52 @@ from ksuit.storage.snapshot import SnapshotPool, take_snapshot
 from ksuit.storage.transaction import PendingFile, SetWriter, WrittenFile
 
 logger = logging.getLogger(__name__)
+
+EXIT_CODE_WRITE_FAILED = 1
+_open_writers: weakref.WeakValueDictionary[int, AsyncSetWriter] = weakref.WeakValueDictionary()
+_writer_ids = itertools.count()
+_exit_hook_lock = threading.Lock()
+_exit_hook_registered = False
+
+
+def _track(writer: AsyncSetWriter) -> int:
+    """Adds `writer` to the writers the exit handler closes; returns its key."""
+    global _exit_hook_registered
+    with _exit_hook_lock:
+        if not _exit_hook_registered:
+            atexit.register(_close_all_at_exit)
+            _exit_hook_registered = True
+        key = next(_writer_ids)
+        _open_writers[key] = writer
+        return key
+
+
+def _close_all_at_exit() -> None:
+    """Closes every open writer of this process, oldest first, so every queued save reaches the
+    disk; if any fails, reports each failure on stderr and ends the process with exit code 1."""
+    failures: list[tuple[Path, BaseException]] = []
+    for key in sorted(_open_writers.keys()):
+        writer = _open_writers.get(key)
+        if writer is None or writer.pid != os.getpid():  # a forked child has no writer thread
+            continue
+        try:
+            writer.close()
+        except BaseException as e:
+            failures.append((writer.folder, e))
+    if not failures:
+        return
+    for folder, error in failures:
+        print(
+            f"ksuit: a checkpoint save queued before exit failed; it is not on disk in {folder}:",
+            file=sys.stderr,
+        )
+        traceback.print_exception(error, file=sys.stderr)
+    try:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+    finally:
+        os._exit(EXIT_CODE_WRITE_FAILED)
 
 
 class AsyncSetWriter:
@@ -40,11 +95,10 @@ class AsyncSetWriter:
         self._errors: list[BaseException] = []
         self._errors_lock = threading.Lock()
         self._closed = False
+        self.pid = os.getpid()
         self._thread = threading.Thread(target=self._run, name=f"ksuit-writer:{folder}", daemon=True)
         self._thread.start()
-        ref = weakref.ref(self)
-        self._atexit = lambda: (w := ref()) is not None and w._flush_at_exit()
-        atexit.register(self._atexit)
+        self._key = _track(self)
 
     @property
     def folder(self) -> Path:
@@ -62,6 +116,8 @@ class AsyncSetWriter:
         self.raise_pending_error()
         buffer = self.pool.acquire()
         try:
+            # once a buffer is free, every earlier write that held it has ended: report its failure
+            self.raise_pending_error()
             payloads = take_snapshot([f.payload for f in files], buffer)
         except BaseException:
             self.pool.release(buffer)
@@ -115,13 +171,7 @@ class AsyncSetWriter:
             self._closed = True
             self._queue.put(None)
             self._thread.join()
-            atexit.unregister(self._atexit)
-
-    def _flush_at_exit(self) -> None:
-        try:
-            self.close()
-        except Exception as e:  # pragma: no cover - reported, nothing else can be done at exit
-            logger.error("checkpoint writes pending at exit failed: %s", e)
+            _open_writers.pop(self._key, None)
 
     def __del__(self) -> None:  # pragma: no cover
         if not getattr(self, "_closed", True):

@@ -28,8 +28,10 @@ from __future__ import annotations
 
 import mmap
 import os
+import queue
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import Future
 from typing import Any
 
 BLOCK = 4096
@@ -56,6 +58,50 @@ def _can_wrap(sink: Any) -> bool:
     return all(hasattr(sink, a) for a in ("fileno", "account", "nbytes", "path")) and sink.fileno() >= 0
 
 
+class _BlockWriter:
+    """Runs block writes in order on one helper thread, so the next bounce buffer fills meanwhile.
+
+    Not a `concurrent.futures` pool: those refuse new work once interpreter shutdown has begun,
+    which is exactly when the exit flush of queued asynchronous saves writes its files. Where no
+    thread can be started (Python >= 3.12 during shutdown) the writes run inline: slower, not lost.
+    """
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        thread = threading.Thread(target=self._run, name="ksuit-direct-io", daemon=True)
+        try:
+            thread.start()
+        except RuntimeError:  # "can't create new thread at interpreter shutdown"
+            thread = None
+        self._thread = thread
+
+    def submit(self, fn: Callable[..., None], *args: Any) -> Future:
+        future: Future = Future()
+        if self._thread is None:
+            _run_job(future, fn, args)
+        else:
+            self._jobs.put((future, fn, args))
+        return future
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            _run_job(*job)
+
+    def shutdown(self) -> None:
+        """Waits for the submitted writes and stops the helper thread; idempotent."""
+        if self._thread is not None:
+            self._jobs.put(None)
+            self._thread.join()
+            self._thread = None
+
+
+def _run_job(future: Future, fn: Callable[..., None], args: tuple) -> None:
+    try:
+        future.set_result(fn(*args))
+    except BaseException as e:  # handed to whoever waits on the future
+        future.set_exception(e)
+
+
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
     done = 0
     while done < data.nbytes:
@@ -76,7 +122,7 @@ class DirectStream:
         self._fill = 0  # bytes in the current bounce buffer
         self._fill_offset = -1  # file offset of the current bounce buffer's first byte
         self._pending: list[Future | None] = [None, None]
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ksuit-direct-io")
+        self._pool = _BlockWriter()
         self.fallback = False
 
     # sink interface used by the formats
@@ -157,7 +203,7 @@ class DirectStream:
             for i in (0, 1):
                 self._wait(i)
         finally:
-            self._pool.shutdown(wait=True)
+            self._pool.shutdown()
             os.close(self._direct_fd)
             os.lseek(self.sink.fileno(), self.pos, os.SEEK_SET)
 
@@ -192,7 +238,7 @@ class _Direct:
                     if f is not None:
                         f.exception()
             finally:
-                self.stream._pool.shutdown(wait=True)
+                self.stream._pool.shutdown()
                 os.close(self.stream._direct_fd)
 
 

@@ -1,9 +1,15 @@
 """Snapshots of payloads into reusable host buffers, for asynchronous saving.
 
-A snapshot copies every tensor of a save into one flat host buffer (pinned when a source is on
-CUDA) and rebuilds the containers around it, so training may change parameters and optimizer
-state while the copy is being written. Buffers are kept and reused: memory touched once is
-several times faster to copy into than fresh memory, and steady-state saving allocates nothing.
+A snapshot copies every tensor of a save into one flat host buffer per file (pinned when a
+source is on CUDA) and rebuilds the containers around it, so training may change parameters and
+optimizer state while the copy is being written. Buffers are kept and reused: memory touched once
+is several times faster to copy into than fresh memory, and steady-state saving allocates nothing.
+
+Layout of a file's buffer (`plan_layout`, the one place that decides it): the tensors of one dtype
+share a region that is a storage of its own, because torch's file formats refuse one storage
+viewed as two dtypes (a trainer state holds int64 and uint8 RNG tensors, a BatchNorm an int64
+counter next to float weights). Inside a region every tensor starts 64-byte aligned; the padding
+is zeroed, so a file never carries stale bytes of an earlier save.
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ import copy
 import ctypes
 import threading
 from collections import OrderedDict
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -20,7 +26,13 @@ ALIGNMENT = 64
 
 
 def _is_plain_dense(t: torch.Tensor) -> bool:
-    return t.layout == torch.strided and not t.is_quantized and not getattr(t, "is_nested", False)
+    """Whether `t` is copied into the buffer (the rest is cloned or, without data, kept)."""
+    return (
+        t.layout == torch.strided
+        and not t.is_quantized
+        and not getattr(t, "is_nested", False)
+        and t.device.type != "meta"
+    )
 
 
 def _tensor_key(t: torch.Tensor) -> tuple:
@@ -32,8 +44,8 @@ def _align(n: int) -> int:
 
 
 def collect_tensors(payload: Any) -> tuple[list[torch.Tensor], list[tuple], dict[int, int]]:
-    """The distinct dense, non-empty tensors of a payload in visit order, their keys, and
-    `{id(tensor object): position}` for every tensor object (aliases share a position)."""
+    """The distinct dense, non-empty tensors with data of a payload in visit order, their keys,
+    and `{id(tensor object): position}` for each of those tensor objects (aliases share a position)."""
     tensors: list[torch.Tensor] = []
     keys: list[tuple] = []
     position: dict[tuple, int] = {}
@@ -61,6 +73,35 @@ def collect_tensors(payload: Any) -> tuple[list[torch.Tensor], list[tuple], dict
     return tensors, keys, by_id
 
 
+class Layout(NamedTuple):
+    """Where the tensors of one file go in its flat buffer (see the module docstring)."""
+
+    regions: list[tuple[int, int]]  # (start, nbytes) in the buffer: one storage per dtype
+    places: list[tuple[int, int, int]]  # per tensor: (region index, offset in the region, nbytes)
+    total: int  # bytes of the buffer the layout uses
+
+
+def plan_layout(tensors: list[torch.Tensor]) -> Layout:
+    """The layout of `tensors` (distinct, dense, non-empty) in one file's buffer: one region per
+    dtype, in order of first appearance, every tensor and region 64-byte aligned."""
+    by_dtype: dict[torch.dtype, list[int]] = {}
+    for i, t in enumerate(tensors):
+        by_dtype.setdefault(t.dtype, []).append(i)
+    places: list[tuple[int, int, int]] = [(0, 0, 0)] * len(tensors)
+    regions: list[tuple[int, int]] = []
+    start = 0
+    for members in by_dtype.values():
+        end = 0
+        for i in members:
+            offset = _align(end)
+            nbytes = tensors[i].numel() * tensors[i].element_size()
+            places[i] = (len(regions), offset, nbytes)
+            end = offset + nbytes
+        regions.append((start, end))  # no trailing padding: the storage ends with its last tensor
+        start += _align(end)
+    return Layout(regions, places, start)
+
+
 class SnapshotBuffer:
     """Flat uint8 host buffers, one per file of a save, grown when needed and otherwise reused.
 
@@ -72,7 +113,6 @@ class SnapshotBuffer:
 
     def __init__(self) -> None:
         self.buffers: list[torch.Tensor] = []
-        self.pinned = False
         self._layouts: dict[int, tuple[list[tuple], torch.Tensor, list[torch.Tensor]]] = {}
 
     def ensure(self, index: int, nbytes: int, pinned: bool) -> torch.Tensor:
@@ -84,22 +124,20 @@ class SnapshotBuffer:
         return self.buffers[index]
 
     def views(self, index: int, tensors: list[torch.Tensor], keys: list[tuple]) -> list[torch.Tensor]:
-        """Destination views, one per tensor, packed 64-byte aligned into buffer `index`."""
+        """Destination views, one per tensor, laid out by `plan_layout` in buffer `index`."""
         cached = self._layouts.get(index)
         if cached is not None and cached[0] == keys and cached[1] is self.buffers[index]:
             return cached[2]
-        offsets = []
-        total = 0
-        for t in tensors:
-            offsets.append(total)
-            total += _align(t.numel() * t.element_size())
+        layout = plan_layout(tensors)
         any_cuda = any(t.device.type == "cuda" for t in tensors)
-        flat = self.ensure(index, total, pinned=any_cuda)
-        region = exact_region(flat, total)
-        views = [
-            region[off : off + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
-            for t, off in zip(tensors, offsets, strict=True)
-        ]
+        flat = self.ensure(index, layout.total, pinned=any_cuda)
+        regions = [exact_region(flat, nbytes, start) for start, nbytes in layout.regions]
+        views = []
+        for t, (region_index, offset, nbytes) in zip(tensors, layout.places, strict=True):
+            region, end = regions[region_index], offset + nbytes
+            views.append(region[offset:end].view(t.dtype).view(t.shape))
+            if _align(end) > end:
+                region[end : _align(end)].zero_()  # padding up to the next tensor (none after the last)
         self._layouts[index] = (keys, flat, views)
         return views
 
@@ -108,8 +146,8 @@ class SnapshotBuffer:
         return sum(b.numel() for b in self.buffers)
 
 
-def exact_region(flat: torch.Tensor, nbytes: int) -> torch.Tensor:
-    """The first `nbytes` of `flat` as a tensor whose *storage* is exactly that long.
+def exact_region(flat: torch.Tensor, nbytes: int, start: int = 0) -> torch.Tensor:
+    """Bytes `start:start + nbytes` of `flat` as a tensor whose *storage* is exactly that long.
 
     `torch.save` writes a tensor's whole storage; a plain slice of a reused, larger buffer would
     put stale bytes of earlier saves into the file. `frombuffer` shares the memory (no copy) and
@@ -117,7 +155,7 @@ def exact_region(flat: torch.Tensor, nbytes: int) -> torch.Tensor:
     """
     if nbytes == 0:
         return torch.empty(0, dtype=torch.uint8)
-    return torch.frombuffer(memoryview(flat.numpy()), dtype=torch.uint8, count=nbytes)
+    return torch.frombuffer(memoryview(flat.numpy()), dtype=torch.uint8, count=nbytes, offset=start)
 
 
 def copy_into(dst: torch.Tensor, src: torch.Tensor) -> None:
@@ -135,8 +173,10 @@ def copy_into(dst: torch.Tensor, src: torch.Tensor) -> None:
 def take_snapshot(payloads: list[Any], buffer: SnapshotBuffer) -> list[Any]:
     """Copies of `payloads` whose tensors live in `buffer`; containers are rebuilt.
 
-    Aliases (the same tensor reached twice, or two views with the same storage, offset, shape
-    and strides) stay aliases in the copy. Sparse, quantized and nested tensors are cloned.
+    Aliases (the same tensor object reached twice, or two views with the same storage, offset,
+    shape, strides and dtype) stay aliases in the copy. Parameters stay parameters and
+    `requires_grad` is kept, as a synchronous save keeps them. Sparse, quantized and nested
+    tensors are cloned; meta tensors (no data) are kept as they are.
     """
     any_cuda = False
     results = []
@@ -151,30 +191,45 @@ def take_snapshot(payloads: list[Any], buffer: SnapshotBuffer) -> list[Any]:
     if any_cuda:
         torch.cuda.synchronize()
     for payload, (views, by_id) in zip(payloads, plans, strict=True):
-        results.append(_rebuild(payload, views, by_id))
+        results.append(_rebuild(payload, views, by_id, {}))
     return results
 
 
 _IMMUTABLE = (str, int, float, bool, type(None), bytes, torch.Size, torch.dtype, torch.device)
 
 
-def _rebuild(obj: Any, views: list[torch.Tensor], by_id: dict[int, int]) -> Any:
+def _tensor_copy(obj: torch.Tensor, views: list[torch.Tensor], by_id: dict[int, int]) -> torch.Tensor:
+    pos = by_id.get(id(obj))
+    if pos is not None:
+        out = views[pos]
+    elif obj.device.type == "meta":
+        out = obj.detach()
+    elif obj.numel() == 0:
+        out = torch.empty(obj.shape, dtype=obj.dtype)
+    else:
+        out = obj.detach().cpu().clone()
+    if isinstance(obj, torch.nn.Parameter):
+        return torch.nn.Parameter(out, requires_grad=obj.requires_grad)
+    if obj.requires_grad:
+        return out.detach().requires_grad_(True)  # a new alias: the cached view stays as it is
+    return out
+
+
+def _rebuild(obj: Any, views: list[torch.Tensor], by_id: dict[int, int], memo: dict[int, Any]) -> Any:
     if isinstance(obj, torch.Tensor):
-        pos = by_id.get(id(obj))
-        if pos is not None:
-            return views[pos]
-        if obj.numel() == 0:
-            return torch.empty(obj.shape, dtype=obj.dtype)
-        return obj.detach().cpu().clone()
+        out = memo.get(id(obj))
+        if out is None:  # the same object twice in a payload is one object in the copy, as in a file
+            out = memo[id(obj)] = _tensor_copy(obj, views, by_id)
+        return out
     cls = type(obj)
     if cls is dict:
-        return {k: _rebuild(v, views, by_id) for k, v in obj.items()}
+        return {k: _rebuild(v, views, by_id, memo) for k, v in obj.items()}
     if cls is OrderedDict:
-        return OrderedDict((k, _rebuild(v, views, by_id)) for k, v in obj.items())
+        return OrderedDict((k, _rebuild(v, views, by_id, memo)) for k, v in obj.items())
     if cls is list:
-        return [_rebuild(v, views, by_id) for v in obj]
+        return [_rebuild(v, views, by_id, memo) for v in obj]
     if cls is tuple:
-        return tuple(_rebuild(v, views, by_id) for v in obj)
+        return tuple(_rebuild(v, views, by_id, memo) for v in obj)
     if isinstance(obj, _IMMUTABLE):
         return obj
     return copy.deepcopy(obj)
@@ -186,8 +241,14 @@ class SnapshotPool:
     def __init__(self, max_pending: int):
         if not isinstance(max_pending, int) or max_pending < 1:
             raise ValueError(f"max_pending must be an int >= 1, got {max_pending!r}")
-        self._free = [SnapshotBuffer() for _ in range(max_pending)]
+        self._all = tuple(SnapshotBuffer() for _ in range(max_pending))
+        self._free = list(self._all)
         self._cond = threading.Condition()
+
+    @property
+    def buffers(self) -> tuple[SnapshotBuffer, ...]:
+        """Every buffer of the pool, free or in flight (their `nbytes` is the host memory held)."""
+        return self._all
 
     def acquire(self, timeout: float | None = None) -> SnapshotBuffer:
         with self._cond:
@@ -201,3 +262,9 @@ class SnapshotPool:
         with self._cond:
             self._free.append(buffer)
             self._cond.notify()
+
+    @property
+    def free_count(self) -> int:
+        """Buffers not in flight now: `max_pending` minus the snapshots being written or queued."""
+        with self._cond:
+            return len(self._free)

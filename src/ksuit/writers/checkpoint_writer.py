@@ -234,10 +234,16 @@ class CheckpointWriter:
         EMA weights written for the same update: a crash then leaves all of them old or all new.
         Payloads are taken when the block ends (snapshotted then in async mode), so do not
         change the saved tensors inside the block. An exception inside the block writes nothing.
-        Nested blocks join the outermost one.
+        Nested blocks join the outermost one; an exception leaving a nested block drops that
+        block's saves (an outer block that catches it writes only its own).
         """
         if self._batch is not None:
-            yield self
+            mark = len(self._batch)
+            try:
+                yield self
+            except BaseException:
+                del self._batch[mark:]
+                raise
             return
         self._batch = []
         try:
