@@ -14,6 +14,7 @@ parse them here; nothing else builds or splits file names.
 from __future__ import annotations
 
 import re
+import unicodedata
 from dataclasses import dataclass
 
 from ksuit.utils.training import TrainingIteration
@@ -26,15 +27,27 @@ MANIFEST_SUFFIX = ".manifest.json"
 TEMP_SUFFIX = ".tmp"
 JOURNAL_PREFIX = ".ksuit-journal."
 
+# one `_<key>=<value>` part of `<info>`; a value never holds '_', so parts split on it
+_INFO_KEY = r"[A-Za-z][A-Za-z0-9.\-]*"
+_INFO_PART = _INFO_KEY + r"=[^_/\\]*"
+# matched with fullmatch: `$` would also match before a trailing newline
 _FILE_RE = re.compile(
-    r"^(?P<name>[^/\\]+?)(?P<info>(?:_[A-Za-z][A-Za-z0-9.\-]*=[^_/\\]*)*)_cp=(?P<tag>[^/\\]+)"
-    r"_(?P<kind>model|optim|trainer)\.(?P<ext>th|safetensors)$"
+    r"(?P<name>[^/\\]+?)(?P<info>(?:_" + _INFO_PART + r")*)_cp=(?P<tag>[^/\\]+)"
+    r"_(?P<kind>model|optim|trainer)\.(?P<ext>th|safetensors)"
 )
 _MANIFEST_RE = re.compile(
-    r"^(?P<name>[^/\\]+?)(?P<info>(?:_[A-Za-z][A-Za-z0-9.\-]*=[^_/\\]*)*)_cp=(?P<tag>[^/\\]+)"
-    + re.escape(MANIFEST_SUFFIX)
-    + "$"
+    r"(?P<name>[^/\\]+?)(?P<info>(?:_" + _INFO_PART + r")*)_cp=(?P<tag>[^/\\]+)" + re.escape(MANIFEST_SUFFIX)
 )
+# a name ending in `_<key>=<value>` would be read back as a shorter name plus info
+_NAME_WITH_INFO_TAIL = re.compile(r".+_" + _INFO_PART)
+_INFO_RE = re.compile(_INFO_PART + r"(?:_" + _INFO_PART + r")*")
+# control characters (C0, DEL, C1), invisible format characters (e.g. bidi overrides), lone
+# surrogates (undecodable bytes) and line separators: a name reaches terminals through `ls`
+_UNPRINTABLE_CATEGORIES = ("Cc", "Cf", "Cs", "Zl", "Zp")
+
+
+def _unprintable(value: str) -> list[str]:
+    return sorted({c for c in value if unicodedata.category(c) in _UNPRINTABLE_CATEGORIES})
 
 
 def _check_component(value: object, what: str) -> str:
@@ -42,10 +55,17 @@ def _check_component(value: object, what: str) -> str:
         raise TypeError(f"{what} must be a str, got {type(value).__name__} ({value!r})")
     if value == "":
         raise ValueError(f"{what} must not be empty")
-    bad = [c for c in ("/", "\\", "\0") if c in value]
+    bad = [c for c in ("/", "\\") if c in value]
     if bad:
         shown = ", ".join(repr(c) for c in bad)
         raise ValueError(f"{what} {value!r} contains {shown}; use a plain name without path separators")
+    unprintable = _unprintable(value)
+    if unprintable:
+        shown = ", ".join(repr(c) for c in unprintable)
+        raise ValueError(
+            f"{what} {value!r} contains control or invisible characters ({shown}); "
+            "use printable characters only"
+        )
     if ".." in value:
         raise ValueError(f"{what} {value!r} contains '..'; use a plain name")
     if value.startswith("."):
@@ -53,11 +73,24 @@ def _check_component(value: object, what: str) -> str:
     return value
 
 
-def validate_name(name: object, what: str = "model name") -> str:
-    """A model/run name: no path separators, NUL or '..', no '_cp=', not starting with '.'."""
+def validate_name(name: object, what: str = "model name", in_file_names: bool = True) -> str:
+    """A model/run name: no path separators, control characters or '..', no '_cp=', not starting
+    with '.'.
+
+    With `in_file_names` (model names), also nothing the file-name grammar would read back
+    differently: a name ending in `_<key>=<value>` (such as `enc_v=2`) would be parsed as the
+    name `enc` with info `v=2`. Run and stage names are folder names and may hold such parts.
+    """
     name = _check_component(name, what)
     if "_cp=" in name:
         raise ValueError(f"{what} {name!r} contains '_cp=', which separates name and tag in file names")
+    if in_file_names and _NAME_WITH_INFO_TAIL.fullmatch(name):
+        head, tail = name.rsplit("_", 1)
+        raise ValueError(
+            f"{what} {name!r} ends in '_{tail}', which file names use for info parts such as "
+            f"'_ema=0.999', so it would be read back as {head!r}; use another separator "
+            f"(e.g. {head + '-' + tail.replace('=', '')!r})"
+        )
     return name
 
 
@@ -66,6 +99,10 @@ def validate_tag(tag: object) -> str:
     tag = _check_component(tag, "checkpoint tag")
     if tag.endswith(MANIFEST_SUFFIX) or tag.endswith(TEMP_SUFFIX):
         raise ValueError(f"checkpoint tag {tag!r} ends in a reserved suffix")
+    if "_cp=" in tag:
+        raise ValueError(
+            f"checkpoint tag {tag!r} contains '_cp=', which separates name and tag in file names"
+        )
     return tag
 
 
@@ -83,13 +120,16 @@ def validate_info(info: dict[str, object] | None) -> str:
         return ""
     parts = []
     for key, value in info.items():
-        if not isinstance(key, str) or not re.match(r"^[A-Za-z][A-Za-z0-9.\-]*$", key):
+        if not isinstance(key, str) or not re.fullmatch(_INFO_KEY, key) or key == "cp":
             raise ValueError(
-                f"info key {key!r} must start with a letter and hold only letters, digits, '.', '-'"
+                f"info key {key!r} must start with a letter and hold only letters, digits, '.', '-' "
+                "(and not be 'cp')"
             )
         text = str(value)
-        if any(c in text for c in "_/\\\0") or ".." in text:
-            raise ValueError(f"info value {text!r} for {key!r} must not contain '_', '/', '\\', NUL or '..'")
+        if any(c in text for c in "_/\\") or ".." in text or _unprintable(text):
+            raise ValueError(
+                f"info value {text!r} for {key!r} must not contain '_', '/', '\\', '..' or control characters"
+            )
         parts.append(f"{key}={text}")
     return "_".join(parts)
 
@@ -126,19 +166,29 @@ class CheckpointName:
 
 
 def checkpoint_filename(name: str, tag: str, kind: str, info: str = "", fmt: str = "torch") -> str:
-    """`<name>[_<info>]_cp=<tag>_<kind>.<ext>`, validating every part."""
+    """`<name>[_<info>]_cp=<tag>_<kind>.<ext>`, validating every part; the name always parses
+    back into the same parts."""
     validate_name(name)
     validate_tag(tag)
     if kind not in KINDS:
         raise ValueError(f"unknown checkpoint kind {kind!r}; known: {', '.join(KINDS)}")
     if fmt not in EXTENSIONS:
         raise ValueError(f"unknown format {fmt!r}; known: {', '.join(EXTENSIONS)}")
-    return CheckpointName(name, tag, kind, info, EXTENSIONS[fmt]).filename
+    if info and (not isinstance(info, str) or _INFO_RE.fullmatch(info) is None or _unprintable(info)):
+        raise ValueError(
+            f"info {info!r} is not of the form 'key=value[_key=value...]'; build it with validate_info"
+        )
+    parts = CheckpointName(name, tag, kind, info, EXTENSIONS[fmt])
+    if parse_checkpoint_filename(parts.filename) != parts:  # the grammar's promise, checked
+        raise ValueError(
+            f"{name!r}, {tag!r} and {info!r} would not be read back from a file name; rename them"
+        )
+    return parts.filename
 
 
 def parse_checkpoint_filename(filename: str) -> CheckpointName | None:
     """The parts of a checkpoint file name, or None if it is not one."""
-    match = _FILE_RE.match(filename)
+    match = _FILE_RE.fullmatch(filename)
     if match is None:
         return None
     return CheckpointName(
@@ -157,7 +207,7 @@ def manifest_filename(group: str, tag: str) -> str:
 
 def parse_manifest_filename(filename: str) -> tuple[str, str] | None:
     """`(group, tag)` of a manifest file name, or None."""
-    match = _MANIFEST_RE.match(filename)
+    match = _MANIFEST_RE.fullmatch(filename)
     if match is None:
         return None
     return match["name"] + match["info"], match["tag"]

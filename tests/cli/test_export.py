@@ -65,13 +65,14 @@ def test_export_round_trip_is_bitwise_equal(run):
         assert torch.equal(_bits(rebuilt.state_dict()[key]), _bits(value))
 
 
-def test_exported_file_joins_its_set_so_verify_and_resume_still_pass(run, path_provider):
+def test_exported_file_stays_beside_its_set_so_verify_and_resume_still_pass(run, path_provider):
     folder, _ = run
     source = folder / "autoencoder.decoder_cp=E1_U20_S80_model.th"
     assert runner.invoke(app, ["export", str(source), "--to", "safetensors"]).exit_code == 0
     (s,) = scan_sets(path_provider.run_output_path, checksum=True)
     assert s.ok, s.problems
-    assert "autoencoder.decoder_cp=E1_U20_S80_model.safetensors" in s.manifest.files
+    exported = "autoencoder.decoder_cp=E1_U20_S80_model.safetensors"
+    assert exported not in s.manifest.files and exported in s.others and exported not in s.files
     chosen, skipped = select_resume_set(path_provider.run_output_path, "autoencoder")
     assert chosen.tag == "E1_U20_S80" and not skipped
     assert not [p for p in folder.iterdir() if p.name.endswith(".tmp")]

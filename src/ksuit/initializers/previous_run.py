@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING, Any
 
 from ksuit.initializers.base import Initializer, describe_spec, parse_checkpoint_spec
 from ksuit.layout import LATEST, validate_info
-from ksuit.readers import CheckpointInfo, list_checkpoints, load_model_payload
+from ksuit.readers import CheckpointInfo, find_checkpoint_dir, list_checkpoints, load_model_payload
+from ksuit.readers.listing import manifest_index
 from ksuit.utils.training import TrainingIteration
 from ksuit.writers import CheckpointWriter
 
@@ -109,7 +110,12 @@ class PreviousRunInitializer(Initializer):
         it = info.training_iteration
         return it is not None and all(getattr(it, k) == v for k, v in spec)
 
-    def find_file(self, infos: list[CheckpointInfo], source_name: str) -> CheckpointInfo:
+    def find_file(
+        self, infos: list[CheckpointInfo], source_name: str, listed: set[str] | frozenset[str] = frozenset()
+    ) -> CheckpointInfo:
+        """The weights file of `source_name` that the spec selects; among equal candidates a file
+        of a checkpoint set (named in `listed`, the files manifests list) wins over a standalone
+        copy such as a `ksuit export` of it, which may be older."""
         want_info = "" if self.ema_factor is None else validate_info({"ema": float(self.ema_factor)})
         candidates = [
             i for i in infos if i.model_name == source_name and i.kind == "model" and i.info == want_info
@@ -123,17 +129,27 @@ class PreviousRunInitializer(Initializer):
                 f"its tags: {tags}"
             )
         # a spec may match a progress tag and `latest`/`last` at the same iteration: prefer the progress tag
-        matching.sort(key=lambda i: (not TrainingIteration.is_progress_string(i.tag), i.tag == LATEST, i.tag))
+        matching.sort(
+            key=lambda i: (
+                not TrainingIteration.is_progress_string(i.tag),
+                i.tag == LATEST,
+                i.tag,
+                i.path.name not in listed,
+                i.path.name,
+            )
+        )
         return matching[0]
 
     def apply(self, trainer: BaseTrainer) -> None:
         model = trainer.model
         infos = list_checkpoints(self.run_dir)
+        listed = set(manifest_index(find_checkpoint_dir(self.run_dir))[1])
         for name, leaf in CheckpointWriter.select_leaves(model, self.model_names):
             source = (
                 name if self.source_model_name is None else self.source_model_name + name[len(model.name) :]
             )
-            info = self.find_file(infos, source)
+            info = self.find_file(infos, source, listed)
+            # checked against its manifest (size and checksum) when one lists it
             state = transform_state_dict(
                 load_model_payload(info.path)["state_dict"], self.keys_to_remove, self.patterns_to_rename
             )

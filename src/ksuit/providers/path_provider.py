@@ -16,8 +16,11 @@ class PathProvider:
         if not isinstance(output_root_path, (str, Path)) or str(output_root_path) == "":
             raise TypeError(f"output_root_path must be a non-empty path, got {output_root_path!r}")
         self.output_root_path = Path(output_root_path)
-        self.run_id = validate_name(run_id, what="run_id")
-        self.stage_name = None if stage_name is None else validate_name(stage_name, what="stage_name")
+        # folder names, never parts of checkpoint file names: `sweep_lr=0.1` is a fine run_id
+        self.run_id = validate_name(run_id, what="run_id", in_file_names=False)
+        self.stage_name = (
+            None if stage_name is None else validate_name(stage_name, what="stage_name", in_file_names=False)
+        )
 
     @staticmethod
     def generate_run_id() -> str:

@@ -27,6 +27,9 @@ class CheckpointSet:
     files: dict[str, CheckpointInfo] = field(default_factory=dict)
     problems: dict[str, str] = field(default_factory=dict)
     checksums_verified: bool = False
+    # copies of members in another format that the manifest does not list (`ksuit export`):
+    # standalone files beside the set, not part of it, never loaded by resume
+    others: dict[str, CheckpointInfo] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -93,7 +96,12 @@ def scan_sets(run_dir: str | Path, checksum: bool = False) -> list[CheckpointSet
             s.problems["(manifest)"] = str(e)
             sets[(group, tag)] = s
     owner = {name: key for key, s in sets.items() if s.manifest for name in s.manifest.files}
+    # a member in another format (`ksuit export` writes x_model.safetensors beside x_model.th)
+    same_name = {_without_ext(name): key for name, key in owner.items()}
     for info in list_checkpoints(folder):
+        if info.path.name not in owner and _without_ext(info.path.name) in same_name:
+            sets[same_name[_without_ext(info.path.name)]].others[info.path.name] = info
+            continue
         key = owner.get(info.path.name, (info.group, info.tag))
         if key not in sets:
             sets[key] = CheckpointSet(info.group, info.tag, folder, None)
@@ -102,6 +110,10 @@ def scan_sets(run_dir: str | Path, checksum: bool = False) -> list[CheckpointSet
         if "(manifest)" not in s.problems:
             s.check(checksum)
     return sorted(sets.values(), key=lambda s: (s.group, _sort_key(s)))
+
+
+def _without_ext(filename: str) -> str:
+    return filename.rsplit(".", 1)[0]
 
 
 def _sort_key(s: CheckpointSet) -> tuple:

@@ -1,7 +1,9 @@
 """Model and optimizer configs.
 
 A model config is enough to rebuild the model: `kind` names the model class, the config class
-itself is recorded in checkpoints as `config_kind`, and both are plain import paths.
+itself is recorded in checkpoints as `config_kind`, and both are plain import paths. Read back
+from a file, they only name classes of modules already imported or trusted by the caller
+(`ksuit.load_model(..., trusted_modules=...)`); a file never chooses a module to import.
 """
 
 from __future__ import annotations

@@ -1,9 +1,12 @@
 """Converting a weights file between the `torch` (`.th`) and `safetensors` formats.
 
 The file is read with the one safe load function (`weights_only=True`) and written atomically
-next to the source (temp name, fsync, rename) by the target format's writer. When the source is
-listed in a set manifest, the new file is added to that manifest with the same iteration, so
-`ksuit verify` and resume keep treating the set as complete.
+next to the source (temp name, fsync, rename) by the target format's writer.
+
+The new file is standalone: it never joins a set manifest. A set is what one save wrote; an
+exported copy of a rolling `latest` file is stale after the next save, and listing it in the
+manifest would leave that set mixed (resume refuses mixed sets). Readers list it as a file of
+its own beside the set, and `load_model` loads it like any weights file.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from ksuit.storage.atomic import write_file_atomic
 from ksuit.storage.errors import CorruptCheckpointError
 from ksuit.storage.formats import format_of_path, get_format
 from ksuit.storage.loading import load_file
-from ksuit.storage.manifest import ManifestEntry, list_manifests, read_manifest
+from ksuit.storage.manifest import list_manifests, read_manifest
 from ksuit.storage.transaction import folder_lock
 
 
@@ -51,20 +54,24 @@ def convert_file(
     if to == "safetensors":
         fmt.split_payload(payload)  # fails before any byte is written when it cannot convert
     with folder_lock(target.parent):
-        size, checksum = write_file_atomic(target, lambda sink: fmt.write(payload, sink))
-        if target.parent == source.parent:
-            _add_to_manifests(source, target, size, checksum)
+        owner = _manifest_listing(target)
+        if owner is not None:
+            raise ValueError(
+                f"{target} belongs to the checkpoint set of {owner.name}, and an export never replaces "
+                "a file of a set (the set would no longer match its manifest); pass another --output"
+            )
+        write_file_atomic(target, lambda sink: fmt.write(payload, sink))
     return target
 
 
-def _add_to_manifests(source: Path, target: Path, size: int, checksum: str) -> None:
-    for path in list_manifests(source.parent):
+def _manifest_listing(path: Path) -> Path | None:
+    """The manifest beside `path` that lists it, if any (unreadable manifests are skipped)."""
+    if not path.parent.is_dir():
+        return None
+    for manifest_path in list_manifests(path.parent):
         try:
-            manifest = read_manifest(path)
-        except CorruptCheckpointError:
+            if path.name in read_manifest(manifest_path).files:
+                return manifest_path
+        except (CorruptCheckpointError, OSError):
             continue
-        entry = manifest.files.get(source.name)
-        if entry is None:
-            continue
-        manifest.files[target.name] = ManifestEntry(size, checksum, entry.kind, entry.training_iteration)
-        write_file_atomic(path, lambda sink, m=manifest: sink.write(m.to_json().encode()))
+    return None
