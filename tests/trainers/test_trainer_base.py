@@ -14,9 +14,9 @@ from ksuit.providers import PathProvider
 from ksuit.schemas.run import load_run_config
 from ksuit.storage import load_file
 from ksuit.trainers import BaseTrainer, TrainingInterrupted
+from ksuit.trainers.reconstruction import ReconstructionTrainer
 from ksuit.trainers.runner import prepare_run, run
 from ksuit.zoo.autoencoder import Autoencoder, AutoencoderConfig, DecoderConfig, EncoderConfig
-from ksuit.zoo.trainers import ReconstructionTrainer
 
 TINY = Path(__file__).parents[1] / "e2e" / "tiny_autoencoder.yaml"
 

@@ -12,8 +12,6 @@ import contextlib
 import logging
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,9 +21,11 @@ from ksuit.callbacks.base import Callback
 from ksuit.layout import LATEST
 from ksuit.models.base import ModelBase, unwrap_check
 from ksuit.providers import PathProvider
-from ksuit.trainers import distributed, rng
+from ksuit.readers import ResumePoint
+from ksuit.trainers import rng
 from ksuit.trainers.sampler import ResumableBatchSampler
 from ksuit.trainers.signals import StopRequest, TrainingInterrupted
+from ksuit.utils import distributed
 from ksuit.utils.training import TrainingIteration, UpdateCounter
 from ksuit.writers import CheckpointWriter
 
@@ -33,15 +33,6 @@ logger = logging.getLogger(__name__)
 
 PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEVICES = ("auto", "cpu", "cuda")
-
-
-@dataclass(frozen=True)
-class ResumePoint:
-    """Where a resumed run continues from: the checkpoint folder, the set's tag and iteration."""
-
-    checkpoint_dir: Path
-    tag: str
-    training_iteration: TrainingIteration
 
 
 def seed_everything(seed: int) -> None:

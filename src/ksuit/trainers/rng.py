@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ksuit.trainers import distributed
+from ksuit.utils import distributed
 
 
 def capture() -> dict[str, Any]:
