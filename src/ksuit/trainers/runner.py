@@ -30,7 +30,8 @@ from ksuit.schemas.run import (
     format_validation_error,
     validate_kwargs,
 )
-from ksuit.trainers.base import BaseTrainer, seed_everything
+from ksuit.trainers.base import BaseTrainer
+from ksuit.trainers.rng import seed_everything
 from ksuit.utils import distributed
 from ksuit.utils.imports import resolve_import_path
 
