@@ -63,7 +63,7 @@ def test_new_run_starts_from_the_previous_weights(previous, tmp_path):
 
 def test_keys_to_remove_strictness_and_renames(previous, tmp_path):
     prepared = prepare_run(load_run_config(TINY, ["callbacks=[]"]), tmp_path, "new")
-    prepared.trainer._setup(prepared.model, prepared.datasets["train"], None)
+    prepared.trainer.setup(prepared.model, prepared.datasets["train"])
     with pytest.raises(
         ValueError, match=r"do not fit autoencoder.encoder: missing \['net.2.weight', 'net.2.bias'\]"
     ):
@@ -85,7 +85,7 @@ def test_keys_to_remove_strictness_and_renames(previous, tmp_path):
 
 def test_missing_checkpoint_names_the_available_tags(previous, tmp_path):
     prepared = prepare_run(load_run_config(TINY, ["callbacks=[]"]), tmp_path, "new")
-    prepared.trainer._setup(prepared.model, prepared.datasets["train"], None)
+    prepared.trainer.setup(prepared.model, prepared.datasets["train"])
     with pytest.raises(
         FileNotFoundError,
         match=r"no weights of autoencoder.encoder match 'E9_U1_S1'.*its tags: E2_U16_S128, best",

@@ -27,7 +27,7 @@ def resume(tmp_path, spec, epochs=3):
         resume=True,
         resume_from=spec,
     )
-    prepared.trainer._setup(prepared.model, prepared.datasets["train"], None)
+    prepared.trainer.setup(prepared.model, prepared.datasets["train"])
     prepared.initializer.apply(prepared.trainer)
     return prepared
 

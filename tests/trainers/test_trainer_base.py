@@ -14,9 +14,9 @@ from ksuit.providers import PathProvider
 from ksuit.schemas.run import load_run_config
 from ksuit.storage import load_file
 from ksuit.trainers import BaseTrainer, TrainingInterrupted
+from ksuit.trainers.reconstruction import ReconstructionTrainer
 from ksuit.trainers.runner import prepare_run, run
 from ksuit.zoo.autoencoder import Autoencoder, AutoencoderConfig, DecoderConfig, EncoderConfig
-from ksuit.zoo.trainers import ReconstructionTrainer
 
 TINY = Path(__file__).parents[1] / "e2e" / "tiny_autoencoder.yaml"
 
@@ -200,7 +200,7 @@ def test_load_state_dict_names_mismatched_callbacks_and_world_size(tmp_path):
     run(prepared)
     state = prepared.trainer.state_dict()
     other = tiny(tmp_path, "trainer.max_epochs=1", "callbacks.0.name=val", run_id="other")
-    other.trainer._setup(other.model, other.datasets["train"], None)
+    other.trainer.setup(other.model, other.datasets["train"])
     with pytest.raises(
         ValueError,
         match=r"without saved state: val; saved state of unknown callbacks: "
@@ -295,3 +295,24 @@ def test_resume_initializer_directly(tmp_path):
     )
     trainer.fit(fresh, data(), initializer=ResumeInitializer(tmp_path / "r"))
     assert_bitwise_equal(weights(fresh), weights(m))
+
+
+def test_setup_prepares_a_run_without_training(tmp_path):
+    m, val = model(), data(8)
+    trainer = ReconstructionTrainer(
+        PathProvider(tmp_path, "r"), effective_batch_size=8, accumulation_steps=2, max_epochs=2, device="cpu"
+    )
+    trainer.setup(m, data(32), {"val": val})
+    assert trainer.model is m and m.is_initialized and trainer.device == torch.device("cpu")
+    assert (trainer.batch_size, trainer.updates_per_epoch) == (4, 4)
+    assert trainer.update_counter.update == 0 and str(trainer.update_counter.end_iteration) == "E2_U8_S64"
+    assert trainer.datasets["val"] is val and set(trainer.datasets) == {"train", "val"}
+    before = weights(m)
+    state = trainer.state_dict()  # a set-up trainer has a state, and loads one
+    trainer.load_state_dict(state)
+    assert_bitwise_equal(weights(m), before)  # nothing trained
+    assert not [p for p in (tmp_path / "r").rglob("*") if p.is_file()]  # nothing written
+    with pytest.raises(ValueError, match="not divisible by world size 1 x accumulation_steps 3"):
+        ReconstructionTrainer(
+            PathProvider(tmp_path, "r"), effective_batch_size=8, accumulation_steps=3, max_epochs=1
+        ).setup(model(), data())

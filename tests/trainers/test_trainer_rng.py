@@ -35,7 +35,9 @@ def test_state_is_plain_and_loads_weights_only():
 
 def test_restore_refuses_another_world_size_and_foreign_states():
     state = rng.capture_all_ranks()
-    with pytest.raises(ValueError, match="RNG states of 2 processes but this run has 1.*--nproc_per_node=2"):
+    with pytest.raises(
+        ValueError, match=r"written by 2 process\(es\) but this run has 1.*--nproc_per_node=2"
+    ):
         rng.restore_own_rank({"world_size": 2, "ranks": state["ranks"] * 2})
     with pytest.raises(ValueError, match="lacks numpy"):
         rng.restore({"python": state["ranks"][0]["python"], "torch": torch.get_rng_state()})

@@ -3,6 +3,7 @@
 from ksuit.callbacks.base import Callback, PeriodicCallback
 from ksuit.callbacks.checkpoint import BestCheckpointCallback, CheckpointCallback
 from ksuit.callbacks.ema import EmaCallback
+from ksuit.callbacks.progress import ProgressBarCallback
 from ksuit.callbacks.validation import ValidationLossCallback
 
 # short names usable as `kind` in a run config
@@ -20,5 +21,6 @@ __all__ = [
     "CheckpointCallback",
     "EmaCallback",
     "PeriodicCallback",
+    "ProgressBarCallback",
     "ValidationLossCallback",
 ]

@@ -4,7 +4,8 @@ Every callback has a unique `name` (its key in the trainer file's `callback_stat
 `state_dict()`/`load_state_dict()`. Within one update the trainer runs callbacks by ascending
 `order`, then by their position in the list: metric producers (order 0) first, then writers of
 extra files (10), then `CheckpointCallback` (20), whose trainer file must capture everything the
-others did at that update.
+others did at that update. Presentation callbacks (the progress bar) set `saves_state = False`:
+they take no part in the trainer file, so a run resumes the same with or without them.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ class Callback:
 
     order: ClassVar[int] = 0
     default_name: ClassVar[str] = "callback"
+    saves_state: ClassVar[bool] = True
+    """Whether the trainer file holds this callback's state (and a resume requires it by name)."""
 
     def __init__(self, name: str | None = None):
         if name is not None and (not isinstance(name, str) or not name):
@@ -39,6 +42,10 @@ class Callback:
     def on_resumable_save(self, trainer: BaseTrainer, tags: list[str]) -> None:
         """A trainer file was just written under each of `tags`: a resume may start there."""
 
+    def teardown(self, trainer: BaseTrainer) -> None:
+        """Whenever `fit` ends: after training, on a signal stop or on an error (also one raised
+        before `before_training` ran). Releases what the other hooks acquired, e.g. a display."""
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 
@@ -48,6 +55,28 @@ class Callback:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"
+
+
+def with_unique_names(callbacks: list[Callback]) -> list[Callback]:
+    """`callbacks` after checking their types and names: explicit names must be unique, and
+    default names get a suffix where they repeat (`checkpoint`, `checkpoint.2`, ...)."""
+    for cb in callbacks:
+        if not isinstance(cb, Callback):
+            raise TypeError(f"callbacks must be ksuit.callbacks.Callback instances, got {type(cb).__name__}")
+    explicit = [cb.name for cb in callbacks if not cb.name_is_default]
+    duplicates = sorted({n for n in explicit if explicit.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"callback names must be unique; repeated: {', '.join(duplicates)}")
+    taken = set(explicit)
+    for cb in callbacks:
+        if cb.name_is_default:
+            name, i = cb.name, 1
+            while name in taken:
+                i += 1
+                name = f"{cb.name}.{i}"
+            cb.name = name
+            taken.add(name)
+    return callbacks
 
 
 class PeriodicCallback(Callback):
@@ -80,10 +109,6 @@ class PeriodicCallback(Callback):
         self.every_n_epochs = every_n_epochs
         self.every_n_updates = every_n_updates
         self.every_n_samples = every_n_samples
-
-    @property
-    def is_periodic(self) -> bool:
-        return any(n is not None for n in (self.every_n_epochs, self.every_n_updates, self.every_n_samples))
 
     def is_due(self, trainer: BaseTrainer) -> bool:
         """Whether the update that just finished completes one of the periods."""

@@ -20,8 +20,8 @@ from ksuit.writers import CheckpointWriter
 
 if TYPE_CHECKING:
     from ksuit.models import Model
-    from ksuit.readers import CheckpointSet
-    from ksuit.trainers.base import BaseTrainer, ResumePoint
+    from ksuit.readers import CheckpointSet, ResumePoint
+    from ksuit.trainers.base import BaseTrainer
 
 logger = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ksuit.callbacks.base import PeriodicCallback
-from ksuit.trainers import distributed
+from ksuit.utils import distributed
 
 if TYPE_CHECKING:
     from ksuit.trainers.base import BaseTrainer

@@ -103,8 +103,9 @@ def train(
     Also runs under `torchrun --nproc_per_node=N -m ksuit train ...` (gloo on CPU, nccl on CUDA).
     """
     from ksuit.schemas.run import ConfigError, load_run_config
-    from ksuit.trainers import TrainingInterrupted, distributed
+    from ksuit.trainers import TrainingInterrupted
     from ksuit.trainers.runner import prepare_run, run
+    from ksuit.utils import distributed
 
     overrides, tag = _split_resume_tag(list(overrides or []), resume or resume_from is not None, resume_from)
     resume = resume or resume_from is not None

@@ -7,9 +7,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ksuit.initializers.base import Initializer, describe_spec, parse_checkpoint_spec
-from ksuit.readers import CheckpointSet, find_checkpoint_dir, load_model_payload, select_resume_set
+from ksuit.readers import (
+    CheckpointSet,
+    ResumePoint,
+    find_checkpoint_dir,
+    load_model_payload,
+    select_resume_set,
+)
 from ksuit.storage import load_file
-from ksuit.trainers.base import ResumePoint
 
 if TYPE_CHECKING:
     from ksuit.trainers.base import BaseTrainer

@@ -2,11 +2,13 @@
 
 from ksuit.readers.listing import CheckpointInfo, find_checkpoint_dir, list_checkpoints
 from ksuit.readers.model_loading import load_model, load_model_payload
+from ksuit.readers.resume_point import ResumePoint
 from ksuit.readers.sets import CheckpointSet, scan_sets, select_resume_set
 
 __all__ = [
     "CheckpointInfo",
     "CheckpointSet",
+    "ResumePoint",
     "find_checkpoint_dir",
     "list_checkpoints",
     "load_model",

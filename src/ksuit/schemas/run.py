@@ -18,12 +18,13 @@ import inspect
 import re
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from ksuit.schemas.models import OptimizerConfig
+from ksuit.trainers.settings import TrainerSettings
 
 
 class ConfigError(ValueError):
@@ -46,21 +47,13 @@ class KindConfig(BaseModel):
         return dict(self.model_extra or {})
 
 
-class TrainerConfig(_Strict):
+class _TrainerKind(_Strict):
     kind: str = "ksuit.trainers.BaseTrainer"
-    max_epochs: int | None = Field(default=None, gt=0)
-    max_updates: int | None = Field(default=None, gt=0)
-    max_samples: int | None = Field(default=None, gt=0)
-    effective_batch_size: int = Field(gt=0)
-    accumulation_steps: int = Field(default=1, gt=0)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    precision: Literal["float32", "bfloat16", "float16"] = "float32"
-    seed: int = 0
-    num_workers: int = Field(default=0, ge=0)
-    num_threads: int | None = Field(default=None, gt=0)
-    clip_grad_norm: float | None = Field(default=None, gt=0)
-    async_save: bool = False
-    checkpoint_format: Literal["torch", "safetensors"] = "torch"
+
+
+class TrainerConfig(TrainerSettings, _TrainerKind):
+    """The `trainer:` section: the trainer class (`kind`, listed first) and its settings,
+    validated by the same model as `BaseTrainer`'s arguments."""
 
 
 class RunConfig(_Strict):
@@ -186,6 +179,8 @@ def format_validation_error(
                 message += f" (known: {', '.join(known)})"
         elif err["type"] == "missing":
             message = "missing required key"
+        elif err["type"] == "value_error":  # a validator's own message, which names the values
+            message = str(err["ctx"]["error"])
         else:
             message = f"{err['msg']} (got {err.get('input')!r})"
         lines.append(f"{source}: {loc}: {message}{_override_note(loc, override_paths)}")

@@ -4,6 +4,7 @@ One rank's state is `{"python": ..., "numpy": ..., "torch": ByteTensor, "cuda": 
 python's Mersenne Twister as a version, an int64 tensor of its 625 words and the cached gauss
 value; numpy's legacy global generator as its bit generator name, an int64 tensor of its keys
 and its position/gauss fields. `capture_all_ranks()` gathers one such dict per rank.
+`seed_everything` seeds the same generators.
 """
 
 from __future__ import annotations
@@ -14,7 +15,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from ksuit.trainers import distributed
+from ksuit.utils import distributed
+
+
+def seed_everything(seed: int) -> None:
+    """Seeds python's, numpy's and torch's (CPU and CUDA) global generators."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
 
 
 def capture() -> dict[str, Any]:
@@ -71,16 +79,21 @@ def capture_all_ranks() -> dict[str, Any]:
     return {"world_size": len(states), "ranks": states}
 
 
-def restore_own_rank(all_ranks: dict[str, Any]) -> None:
-    """Restores this rank's entry of `capture_all_ranks()`; refuses another world size."""
-    saved = int(all_ranks["world_size"])
+def check_world_size(saved: int) -> None:
+    """Refuses a checkpoint written by another number of processes than this run has: every
+    rank's RNG state and data shard belong to one world size."""
     current = distributed.world_size()
     if saved != current:
-        raise ValueError(
-            f"the checkpoint holds RNG states of {saved} processes but this run has {current}; "
-            f"resume with the same world size (torchrun --nproc_per_node={saved})"
-            if saved > 1
-            else f"the checkpoint was written by a single process but this run has {current}; "
-            "resume it without torchrun"
+        hint = (
+            f"torchrun --nproc_per_node={saved} ..." if saved > 1 else "a single process (without torchrun)"
         )
+        raise ValueError(
+            f"the checkpoint was written by {saved} process(es) but this run has {current}; "
+            f"resume with the same world size: {hint}"
+        )
+
+
+def restore_own_rank(all_ranks: dict[str, Any]) -> None:
+    """Restores this rank's entry of `capture_all_ranks()`; refuses another world size."""
+    check_world_size(int(all_ranks["world_size"]))
     restore(all_ranks["ranks"][distributed.rank()])

@@ -30,8 +30,9 @@ from ksuit.schemas.run import (
     format_validation_error,
     validate_kwargs,
 )
-from ksuit.trainers import distributed
-from ksuit.trainers.base import BaseTrainer, seed_everything
+from ksuit.trainers.base import BaseTrainer
+from ksuit.trainers.rng import seed_everything
+from ksuit.utils import distributed
 from ksuit.utils.imports import resolve_import_path
 
 logger = logging.getLogger(__name__)
@@ -200,7 +201,7 @@ def prepare_run(
         raise config.error(
             "trainer.kind",
             f"{trainer_cls.__qualname__} does not override loss(model, batch); name a subclass that does, "
-            "e.g. ksuit.zoo.trainers.ReconstructionTrainer",
+            "e.g. ksuit.trainers.reconstruction.ReconstructionTrainer",
         )
     device_type = "cuda" if tc.device == "cuda" or (tc.device == "auto" and _cuda()) else "cpu"
     distributed.init_from_env(device_type)

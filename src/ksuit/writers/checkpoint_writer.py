@@ -13,8 +13,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch.distributed as dist
-
 from ksuit.layout import (
     LATEST,
     checkpoint_filename,
@@ -27,6 +25,7 @@ from ksuit.schemas.models import ModelBaseConfig
 from ksuit.storage.async_writer import AsyncSetWriter
 from ksuit.storage.formats import format_of_path, get_format
 from ksuit.storage.transaction import PendingFile, SetWriter, WrittenFile
+from ksuit.utils.distributed import is_rank0
 from ksuit.writers.payload import check_plain, check_state_dict
 
 if TYPE_CHECKING:
@@ -64,10 +63,6 @@ _RESERVED_EXTRA = {
     CheckpointKeys.RUN_ID,
     CheckpointKeys.CONFIG_KIND,
 }
-
-
-def _is_writing_rank() -> bool:
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 class CheckpointWriter:
@@ -153,7 +148,7 @@ class CheckpointWriter:
             tag=parsed.tag if parsed else None,
             training_iteration=payload[CheckpointKeys.TRAINING_ITERATION],
         )
-        if _is_writing_rank():
+        if is_rank0():
             self._submit([pending])
 
     def save(
@@ -193,7 +188,7 @@ class CheckpointWriter:
         trainer_state = trainer.state_dict() if trainer is not None else None
         if trainer_state is not None:
             check_state_dict(trainer_state, where="trainer.state_dict()")
-        if not _is_writing_rank():
+        if not is_rank0():
             return
 
         plans = [(checkpoint_tag, save_weights, save_optim)]

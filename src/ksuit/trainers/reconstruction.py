@@ -1,4 +1,5 @@
-"""Ready-made trainers for the zoo's models (importable, so run configs can name them)."""
+"""`ReconstructionTrainer`: a ready-made trainer for the zoo's autoencoder (importable, so run
+configs can name it: `trainer: {kind: ksuit.trainers.reconstruction.ReconstructionTrainer}`)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ksuit.trainers import BaseTrainer
+from ksuit.trainers.base import BaseTrainer
 
 
 class ReconstructionTrainer(BaseTrainer):

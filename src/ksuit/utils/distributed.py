@@ -1,7 +1,8 @@
-"""torch.distributed helpers: who we are, and the few collectives the trainer needs.
+"""torch.distributed helpers: who we are, and the few collectives training needs.
 
 Every function works without an initialized process group (then there is one rank, rank 0),
-so single-process code paths need no branches.
+so single-process code paths need no branches. A domain utility: it imports only torch, so
+every layer (writers, callbacks, trainers) may use it.
 """
 
 from __future__ import annotations

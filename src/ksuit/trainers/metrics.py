@@ -1,0 +1,74 @@
+"""`MetricTracker`: the metrics a run logged, the update of each, and the running train loss."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from ksuit.utils import distributed
+
+logger = logging.getLogger(__name__)
+
+
+class MetricTracker:
+    """Metrics by key (`values`, e.g. `loss/val`) with the update each was last logged at
+    (`updates`), plus the sums of the train losses since the last epoch end.
+
+    `state_dict()` holds all of it, so a resumed run logs the same epoch loss (and a
+    `BestCheckpointCallback` compares against the same best value) as an uninterrupted one.
+    """
+
+    def __init__(self) -> None:
+        self.values: dict[str, float] = {}
+        self.updates: dict[str, int] = {}
+        self.loss_sums: dict[str, float] = {}
+        self.loss_updates = 0
+
+    def log(self, key: str, value: float, update: int) -> None:
+        """Records `value` as metric `key` of update `update`."""
+        self.values[key] = float(value)
+        self.updates[key] = update
+
+    def fresh(self, update: int) -> dict[str, float]:
+        """The metrics logged at `update`."""
+        return {k: v for k, v in self.values.items() if self.updates.get(k) == update}
+
+    def log_fresh(self, update: int, where: object) -> None:
+        """Logs the metrics logged at `update` as one line: `<where>  loss/train 0.12  ...`."""
+        fresh = self.fresh(update)
+        if fresh:
+            logger.info("%s  %s", where, "  ".join(f"{k} {v:.6g}" for k, v in sorted(fresh.items())))
+
+    def add_losses(self, losses: Mapping[str, torch.Tensor]) -> None:
+        """Adds the losses of one update (`{"total": ..., <part>: ...}`) to the running sums."""
+        for key, value in losses.items():
+            self.loss_sums[key] = self.loss_sums.get(key, 0.0) + float(value.item())
+        self.loss_updates += 1
+
+    def log_mean_losses(self, update: int, device: torch.device) -> None:
+        """Logs the mean of the summed losses over all ranks as `loss/train` (and
+        `loss/train/<part>`), then starts new sums. A collective: every rank must call it."""
+        keys = sorted(self.loss_sums)
+        sums = distributed.all_reduce_sum([self.loss_sums[k] for k in keys] + [self.loss_updates], device)
+        for key, total in zip(keys, sums[:-1], strict=True):
+            self.log("loss/train" if key == "total" else f"loss/train/{key}", total / sums[-1], update)
+        self.loss_sums, self.loss_updates = {}, 0
+
+    def state_dict(self) -> dict[str, Any]:
+        """`{"metrics": {key: {"value", "update"}}, "train_loss": {"sums", "updates"}}`."""
+        return {
+            "metrics": {k: {"value": v, "update": self.updates.get(k, -1)} for k, v in self.values.items()},
+            "train_loss": {"sums": dict(self.loss_sums), "updates": self.loss_updates},
+        }
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restores `state_dict()`'s output; missing entries (older files) start empty."""
+        metrics = state_dict.get("metrics", {})
+        self.values = {k: float(v["value"]) for k, v in metrics.items()}
+        self.updates = {k: int(v["update"]) for k, v in metrics.items()}
+        loss = state_dict.get("train_loss", {"sums": {}, "updates": 0})
+        self.loss_sums = {k: float(v) for k, v in loss["sums"].items()}
+        self.loss_updates = int(loss["updates"])

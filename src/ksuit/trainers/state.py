@@ -1,0 +1,117 @@
+"""The trainer file: everything beyond weights and optimizer states that a resume restores.
+
+`{callback_state_dicts, training_iteration, grad_scaler (float16 only), rng, data, metrics,
+train_loss}`, plain values and tensors only (it loads with `weights_only=True`). With `rng.py`
+this module is the whole resume contract: a resumed run continues exactly like an uninterrupted
+one, or loading refuses with the reason (another world size, data layout or set of callbacks).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from ksuit.trainers import rng
+
+if TYPE_CHECKING:
+    from ksuit.callbacks.base import Callback
+    from ksuit.trainers.base import BaseTrainer
+
+logger = logging.getLogger(__name__)
+
+# the settings that fix the data order; a resume with other values could not continue it
+DATA_KEYS = ("updates_per_epoch", "effective_batch_size", "accumulation_steps", "seed")
+
+
+def saved_callbacks(trainer: BaseTrainer) -> list[Callback]:
+    """The callbacks whose state the trainer file holds (not the presentation ones, e.g. the
+    progress bar, so a run resumes the same with or without them)."""
+    return [cb for cb in trainer.callbacks if cb.saves_state]
+
+
+def trainer_state_dict(trainer: BaseTrainer) -> dict[str, Any]:
+    """The trainer file's content. Gathers the RNG states of every rank: a collective."""
+    state: dict[str, Any] = {
+        "callback_state_dicts": {cb.name: cb.state_dict() for cb in saved_callbacks(trainer)},
+        "training_iteration": dict(trainer.update_counter.cur_iteration),
+    }
+    if trainer.grad_scaler is not None:
+        state["grad_scaler"] = trainer.grad_scaler.state_dict()
+    state["rng"] = rng.capture_all_ranks()
+    state["data"] = {
+        "seed": trainer.seed,
+        "world_size": trainer.world_size,
+        "effective_batch_size": trainer.effective_batch_size,
+        "accumulation_steps": trainer.accumulation_steps,
+        "updates_per_epoch": trainer.updates_per_epoch,
+    }
+    state.update(trainer.metric_tracker.state_dict())  # metrics, train_loss
+    return state
+
+
+def load_trainer_state_dict(trainer: BaseTrainer, state_dict: dict[str, Any], strict: bool = True) -> None:
+    """Restores `trainer_state_dict()`'s output into a set-up trainer (see
+    `BaseTrainer.load_state_dict`); returns after restoring this rank's RNG."""
+    if trainer.update_counter is None:
+        raise RuntimeError("load_state_dict needs a set-up trainer; pass the initializer to fit() instead")
+    missing_keys = [k for k in ("callback_state_dicts", "training_iteration", "rng") if k not in state_dict]
+    if missing_keys:
+        raise ValueError(f"trainer state lacks {', '.join(missing_keys)}; is it a ksuit trainer file?")
+    rng.check_world_size(int(state_dict["rng"]["world_size"]))
+    check_data(trainer, state_dict.get("data", {}))
+    _load_callbacks(saved_callbacks(trainer), state_dict["callback_state_dicts"], strict)
+    counter = trainer.update_counter
+    counter.load_state_dict(state_dict["training_iteration"])
+    it = counter.cur_iteration
+    if not it.is_fully_specified or it.epoch != it.update // trainer.updates_per_epoch:
+        raise ValueError(
+            f"checkpoint iteration {it} does not fit {trainer.updates_per_epoch} updates per epoch; "
+            "resume with the data and batch size of the run that wrote it"
+        )
+    _load_grad_scaler(trainer, state_dict.get("grad_scaler"))
+    trainer.metric_tracker.load_state_dict(state_dict)
+    rng.restore_own_rank(state_dict["rng"])
+
+
+def check_data(trainer: BaseTrainer, data: dict[str, Any]) -> None:
+    """Refuses a checkpoint whose data order this trainer could not continue."""
+    for key in DATA_KEYS:
+        now = getattr(trainer, key)
+        if key in data and int(data[key]) != now:
+            raise ValueError(
+                f"the checkpoint was written with {key}={data[key]} but this run has {key}={now}; "
+                "the data order could not continue where it stopped. Resume with the same config, "
+                "or start a new run from its weights (PreviousRunInitializer)"
+            )
+
+
+def _load_callbacks(callbacks: list[Callback], saved: dict[str, Any], strict: bool) -> None:
+    names = [cb.name for cb in callbacks]
+    missing = [n for n in names if n not in saved]
+    unexpected = [n for n in saved if n not in names]
+    if strict and (missing or unexpected):
+        parts = []
+        if missing:
+            parts.append(f"callbacks without saved state: {', '.join(missing)}")
+        if unexpected:
+            parts.append(f"saved state of unknown callbacks: {', '.join(unexpected)}")
+        raise ValueError(
+            "callback states do not match the callbacks of this run (" + "; ".join(parts) + "); "
+            "resume with the callbacks (and names) of the run that wrote the checkpoint"
+        )
+    for cb in callbacks:
+        if cb.name in saved:
+            cb.load_state_dict(saved[cb.name])
+
+
+def _load_grad_scaler(trainer: BaseTrainer, state: dict[str, Any] | None) -> None:
+    if trainer.grad_scaler is not None:
+        if state is not None:
+            trainer.grad_scaler.load_state_dict(state)
+        else:
+            logger.warning(
+                "the checkpoint has no grad scaler state (it was not trained in float16); "
+                "the scaler starts fresh"
+            )
+    elif state is not None:
+        logger.warning("the checkpoint has a grad scaler state but this run does not use float16; ignored")
