@@ -3,6 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+TORCH := 2.13.0
 
 .PHONY: demo test bench lint venv clean
 
@@ -10,8 +11,11 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# Exactly this torch first: the CPU wheel on local disk. Anything else would pull a CUDA build.
-	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q torch==$(TORCH)
+	# ksuit with every extra the tests need (demo data, S3, Lightning, Transformers, linters)
 	$(BIN)/pip install -q -e '.[dev]'
+	# nothing above may have replaced torch
+	$(BIN)/python -c "import torch, sys; v = torch.__version__; sys.exit(0 if v.split('+')[0] == '$(TORCH)' else 'torch ' + v + ' replaced $(TORCH)')"
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -30,6 +34,8 @@ bench: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks examples
 	$(BIN)/ruff format --check src tests benchmarks examples
+	$(BIN)/lint-imports
+	$(BIN)/mypy
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info src/*.egg-info

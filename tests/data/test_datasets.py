@@ -13,6 +13,15 @@ def test_digits_are_64_features_in_unit_range_split_by_seed():
     assert torch.equal(data["val"].tensors[0], again["val"].tensors[0])
 
 
+def test_digits_without_scikit_learn_says_how_to_get_it(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "sklearn", None)  # as if scikit-learn were not installed
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
+    with pytest.raises(ImportError, match=r"pip install 'ksuit\[demo\]'"):
+        digits()
+
+
 def test_synthetic_is_deterministic_and_sized():
     a, b = synthetic(num_samples=50, dim=6, seed=3), synthetic(num_samples=50, dim=6, seed=3)
     assert torch.equal(a["train"].tensors[0], b["train"].tensors[0])

@@ -25,7 +25,8 @@ def digits(val_fraction: float = 0.2, seed: int = 0) -> dict[str, Dataset]:
         from sklearn.datasets import load_digits
     except ImportError as e:
         raise ImportError(
-            "the 'digits' dataset needs scikit-learn (pip install scikit-learn); or use data kind 'synthetic'"
+            "the 'digits' dataset needs scikit-learn, which ksuit installs only with its demo extra: "
+            "pip install 'ksuit[demo]' (or pip install scikit-learn); or use data kind 'synthetic'"
         ) from e
     x = torch.from_numpy(load_digits().data).float() / 16.0
     return split(x, val_fraction, seed)
