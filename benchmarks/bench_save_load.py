@@ -189,7 +189,7 @@ def m_raw_odirect(ctx: dict) -> dict:
     def write(buf: mmap.mmap) -> None:
         try:
             os.write(fd, buf)
-        except BaseException as e:  # noqa: BLE001
+        except BaseException as e:
             errors.append(e)
 
     for i, off in enumerate(range(0, nbytes, BOUNCE)):

@@ -77,11 +77,11 @@ def slow_metadata_disk(delay: float = 0.003) -> None:
 
     real_replace, real_fsync_dir = os.replace, atomic.fsync_dir
 
-    def replace(src, dst):  # noqa: ANN001 - same signature as os.replace
+    def replace(src, dst):
         real_replace(src, dst)
         time.sleep(delay)
 
-    def fsync_dir(path):  # noqa: ANN001
+    def fsync_dir(path):
         time.sleep(delay)
         real_fsync_dir(path)
 

@@ -24,7 +24,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from ksuit.schemas.models import OptimizerConfig
-from ksuit.trainers.settings import TrainerSettings
+from ksuit.schemas.trainer import TrainerSettings
 
 
 class ConfigError(ValueError):
@@ -87,7 +87,7 @@ _Loader.add_implicit_resolver(
 
 def parse_yaml(text: str, source: str = "<yaml>") -> Any:
     try:
-        return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+        return yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as e:
         raise ConfigError(f"{source}: not valid YAML: {e}") from None
 

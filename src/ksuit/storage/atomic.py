@@ -97,7 +97,7 @@ class HashingSink:
         self.attempted = 0  # bytes asked to be written, including a write that failed
         self.error: OSError | None = None  # kept: torch.save turns it into a bare RuntimeError
 
-    def write(self, data) -> int:  # noqa: ANN001 - any buffer
+    def write(self, data) -> int:
         view = memoryview(data).cast("B")
         self._hash.update(view)
         total = view.nbytes
@@ -116,7 +116,7 @@ class HashingSink:
         """The descriptor of the temporary file, for writers that place bytes themselves."""
         return self._fd
 
-    def account(self, data) -> None:  # noqa: ANN001 - any buffer
+    def account(self, data) -> None:
         """Hashes and counts bytes a caller wrote at the end of the file itself (e.g. through
         O_DIRECT); they must come in file order, like `write`."""
         view = memoryview(data).cast("B")

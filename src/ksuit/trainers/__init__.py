@@ -1,9 +1,9 @@
 """The training loop: `BaseTrainer` (override `loss`), exact resume, signals, torchrun."""
 
 from ksuit.readers.resume_point import ResumePoint
+from ksuit.schemas.trainer import TrainerSettings
 from ksuit.trainers.base import BaseTrainer
 from ksuit.trainers.rng import seed_everything
-from ksuit.trainers.settings import TrainerSettings
 from ksuit.trainers.signals import TrainingInterrupted
 
 __all__ = ["BaseTrainer", "ResumePoint", "TrainerSettings", "TrainingInterrupted", "seed_everything"]

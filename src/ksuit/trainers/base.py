@@ -22,11 +22,11 @@ from ksuit.layout import LATEST
 from ksuit.models.base import ModelBase, unwrap_check
 from ksuit.providers import PathProvider
 from ksuit.readers import ResumePoint
+from ksuit.schemas.trainer import CheckpointFormat, Device, Precision, TrainerSettings
 from ksuit.trainers import devices, rng, state, update
 from ksuit.trainers.loader import TrainLoader
 from ksuit.trainers.metrics import MetricTracker
 from ksuit.trainers.rng import seed_everything
-from ksuit.trainers.settings import CheckpointFormat, Device, Precision, TrainerSettings
 from ksuit.trainers.signals import StopRequest, TrainingInterrupted
 from ksuit.utils import distributed
 from ksuit.utils.training import UpdateCounter
@@ -45,7 +45,7 @@ class BaseTrainer:
         callbacks: periodic work and checkpoints, see `ksuit.callbacks`.
         progress: add a `ProgressBarCallback` (rank 0, interactive terminals only).
         the other keywords: the settings, documented and validated by
-            `ksuit.trainers.settings.TrainerSettings` (the run config's `trainer:` section too),
+            `ksuit.schemas.trainer.TrainerSettings` (the run config's `trainer:` section too),
             e.g. `effective_batch_size`, `max_epochs`, `precision`, `seed`.
     """
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from ksuit.trainers.settings import Device, Precision
+from ksuit.schemas.trainer import Device, Precision
 
 PRECISION_DTYPES: dict[str, torch.dtype | None] = {
     "float32": None,

@@ -89,7 +89,7 @@ class CheckpointWriter:
         *,
         async_save: bool = False,
         max_pending: int = 1,
-        format: str = "torch",  # noqa: A002 - the documented option name
+        format: str = "torch",
     ):
         if not hasattr(path_provider, "checkpoint_path") or not hasattr(path_provider, "run_id"):
             raise TypeError(
