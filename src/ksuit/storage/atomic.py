@@ -37,6 +37,7 @@ import errno
 import os
 import secrets
 import shutil
+import stat
 from collections.abc import Callable
 from pathlib import Path
 
@@ -209,3 +210,27 @@ def hash_file(path: str | Path, chunk_size: int = 16 << 20) -> tuple[int, str]:
             h.update(view[:n])
             size += n
     return size, h.hexdigest()
+
+
+def hash_regular_file(path: str | Path, chunk_size: int = 16 << 20) -> tuple[int, str] | None:
+    """`(size, xxh3-64 hex digest)` of a regular file, or None when `path` is missing, a
+    symlink (never followed), a folder or anything else."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.EISDIR):
+            return None
+        raise
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        h = xxhash.xxh3_64()
+        size = 0
+        while chunk := os.read(fd, chunk_size):
+            h.update(chunk)
+            size += len(chunk)
+        return size, h.hexdigest()
+    finally:
+        os.close(fd)
