@@ -200,9 +200,10 @@ def hash_file(path: str | Path, chunk_size: int = 16 << 20) -> tuple[int, str]:
     """`(size, xxh3-64 hex digest)` of a file, read in large chunks."""
     h = xxhash.xxh3_64()
     size = 0
-    buf = bytearray(chunk_size)
-    view = memoryview(buf)
     with open(path, "rb", buffering=0) as f:
+        # a small file needs a small buffer (zero-filling 16 MiB costs more than hashing 100 KiB)
+        buf = bytearray(max(1, min(chunk_size, os.fstat(f.fileno()).st_size + 1)))
+        view = memoryview(buf)
         while True:
             n = f.readinto(buf)
             if not n:
@@ -224,11 +225,12 @@ def hash_regular_file(path: str | Path, chunk_size: int = 16 << 20) -> tuple[int
             return None
         raise
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
             return None
         h = xxhash.xxh3_64()
         size = 0
-        while chunk := os.read(fd, chunk_size):
+        while chunk := os.read(fd, max(1, min(chunk_size, st.st_size + 1))):
             h.update(chunk)
             size += len(chunk)
         return size, h.hexdigest()
