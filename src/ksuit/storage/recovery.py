@@ -28,7 +28,7 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ksuit.layout import is_journal_filename, is_temp_filename
+from ksuit.layout import is_journal_filename, is_temp_filename, journal_sequence
 from ksuit.storage.atomic import fsync_dir, hash_regular_file
 from ksuit.storage.journal import Journal, JournalEntry, read_journal
 from ksuit.storage.locking import folder_lock
@@ -84,13 +84,10 @@ def recover_folder(folder: str | Path) -> RecoveryReport:
     return report
 
 
-def journals_present(folder: Path) -> bool:
-    """Whether `folder` holds a journal (a switch in progress or left by a failure)."""
-    try:
-        with os.scandir(folder) as entries:
-            return any(is_journal_filename(e.name) for e in entries)
-    except FileNotFoundError:
-        return False
+def journal_sequences(folder: Path) -> list[int]:
+    """The sequences of the journals in `folder` (switches in progress or left by a failure)."""
+    with os.scandir(folder) as entries:
+        return [seq for e in entries if (seq := journal_sequence(e.name)) is not None]
 
 
 def _read_journals(folder: Path) -> list[Journal]:

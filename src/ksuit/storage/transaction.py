@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ksuit.layout import journal_filename, journal_sequence, manifest_filename
+from ksuit.layout import journal_filename, manifest_filename
 from ksuit.providers.path_provider import make_folder_durable
 from ksuit.storage.atomic import (
     HashingSink,
@@ -29,13 +29,7 @@ from ksuit.storage.formats import get_format
 from ksuit.storage.journal import JournalEntry, encode_journal
 from ksuit.storage.locking import FolderLock, folder_lock
 from ksuit.storage.manifest import Manifest, ManifestEntry, read_manifest
-from ksuit.storage.recovery import (
-    RecoveryReport,
-    ensure_recovered,
-    journals_present,
-    manifest_sequence,
-    recover_folder,
-)
+from ksuit.storage.recovery import RecoveryReport, ensure_recovered, journal_sequences, recover_folder
 
 logger = logging.getLogger(__name__)
 
@@ -124,14 +118,15 @@ class SetWriter:
         make_folder_durable(self.folder)
         ensure_recovered(self.folder)
         with folder_lock(self.folder):
-            self._settle(files)
-            return self._write_set_locked(files, run_id)
+            pending = journal_sequences(self.folder)
+            if pending:
+                self._settle(files)
+                pending = journal_sequences(self.folder)
+            return self._write_set_locked(files, run_id, max(pending, default=-1) + 1)
 
     def _settle(self, files: list[PendingFile]) -> None:
         """Completes or discards switches left by a failure; refuses a save that would write
         files of a committed save recovery cannot complete (it would be replayed over them)."""
-        if not journals_present(self.folder):
-            return
         report = recover_folder(self.folder)
         finals = {f.filename for f in files} | {m for f in files if (m := _manifest_of(f)) is not None}
         for pending in report.pending:
@@ -142,12 +137,17 @@ class SetWriter:
                     f"committed but is not complete. {pending.reason}"
                 )
 
-    def _write_set_locked(self, files: list[PendingFile], run_id: str | None) -> list[WrittenFile]:
+    def _write_set_locked(
+        self, files: list[PendingFile], run_id: str | None, floor: int
+    ) -> list[WrittenFile]:
+        """Stages, commits and switches one set; `floor`: the least commit sequence it may take."""
         needed = self.estimate_nbytes(files)
         check_free_space(self.folder, needed, what=self.folder / files[0].filename)
         bases = self._base_manifests(files)
         self._check_targets([f.filename for f in files] + [m.filename for m in bases.values()])
-        sequence = next_sequence(self._sequence_floor(bases))
+        # newer than every journal left in the folder and every manifest this save replaces
+        floor = max([floor] + [(m.commit_sequence or 0) + 1 for m in bases.values()])
+        sequence = next_sequence(floor)
         staging = _Staging(self.folder)
         try:
             written = [staging.add(f.filename, _payload_writer(f), _manifest_of(f)) for f in files]
@@ -183,18 +183,6 @@ class SetWriter:
                     "remove it and save again (nothing of this save was written)",
                     str(path),
                 )
-
-    def _sequence_floor(self, bases: dict[tuple[str, str], Manifest]) -> int:
-        """One more than every commit sequence in the folder that this save could be compared
-        with: journals present and the manifests it replaces."""
-        floor = 0
-        for name in os.listdir(self.folder):
-            seq = journal_sequence(name)
-            if seq is not None:
-                floor = max(floor, seq + 1)
-        for m in bases.values():
-            floor = max(floor, manifest_sequence(self.folder / m.filename) + 1)
-        return floor
 
     def _base_manifests(self, files: list[PendingFile]) -> dict[tuple[str, str], Manifest]:
         bases: dict[tuple[str, str], Manifest] = {}
