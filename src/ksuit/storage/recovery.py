@@ -113,8 +113,8 @@ def _recover_journal(folder: Path, journal: Journal, report: RecoveryReport, kee
             "its files are left as they are: fix the cause (e.g. make the folder writable) and run "
             "`ksuit verify` on the run"
         )
-    keep.update(e.temp for e in journal.entries)
-    report.pending.append(PendingJournal(journal.name, frozenset(e.final for e in journal.entries), reason))
+    keep.update(x.temp for x in journal.entries)
+    report.pending.append(PendingJournal(journal.name, frozenset(x.final for x in journal.entries), reason))
     report.problems.append(reason)
 
 
