@@ -73,7 +73,7 @@ def test_manifest_and_temp_names_never_end_in_th():
     assert not name.endswith(".th")
     assert parse_manifest_filename(name) == ("autoencoder", "latest")
     assert parse_manifest_filename(manifest_filename("ae_ema=0.9", "E1_U1_S1")) == ("ae_ema=0.9", "E1_U1_S1")
-    tmp = temp_filename("ae_cp=latest_model.th", "abcd")
+    tmp = temp_filename("ae_cp=latest_model.th", "abcd0123")
     assert is_temp_filename(tmp) and not tmp.endswith(".th")
 
 

@@ -2,8 +2,8 @@
 
     <name>[_<info>]_cp=<tag>_<kind>.<ext>      a checkpoint file (kind: model | optim | trainer)
     <name>[_<info>]_cp=<tag>.manifest.json     the manifest of one set (see ksuit.storage)
-    .<final name>.<random>.tmp                 a file being written (never ends in .th)
-    .ksuit-journal.<seq>.json                  a set switch in progress (see ksuit.storage)
+    .<final name>.<token>.tmp                  a file being written (token: 8 hex digits)
+    .ksuit-journal.<seq>.json                  a set switch in progress (seq: its commit sequence)
 
 `<name>` is a model name (`autoencoder.encoder` for a submodel), `<info>` optional
 `key=value` parts such as `ema=0.999`, `<tag>` a progress tag (`E10_U200_S800`), `latest`,
@@ -213,18 +213,72 @@ def parse_manifest_filename(filename: str) -> tuple[str, str] | None:
     return match["name"] + match["info"], match["tag"]
 
 
+TEMP_TOKEN_RE = re.compile(r"^[0-9a-f]{8}$")  # what `ksuit.storage.atomic.new_temp_path` draws
+_TEMP_RE = re.compile(r"^\.(?P<final>.+)\.(?P<token>[0-9a-f]{8})" + re.escape(TEMP_SUFFIX) + "$")
+_JOURNAL_RE = re.compile(r"^" + re.escape(JOURNAL_PREFIX) + r"(?P<seq>[0-9]{1,20})\.json$")
+FORMAT_EXTENSIONS = tuple(f".{ext}" for ext in EXTENSIONS.values())
+MAX_FILENAME_BYTES = 255
+
+
+def is_plain_filename(name: object) -> bool:
+    """A name that can only mean a file directly inside the folder it is joined to: a str, not
+    empty, no '/', '\\' or NUL, not starting with '.' (so never '.' or '..'), at most 255 bytes,
+    not ending in the temp suffix."""
+    if not isinstance(name, str) or name == "" or name.startswith(".") or name.endswith(TEMP_SUFFIX):
+        return False
+    if any(c in name for c in ("/", "\\", "\0")):
+        return False
+    return len(name.encode("utf-8", "surrogateescape")) <= MAX_FILENAME_BYTES
+
+
 def temp_filename(final_name: str, token: str) -> str:
-    """The name a file is written under before it is renamed to `final_name`."""
+    """The name a file is written under before it is renamed to `final_name`:
+    `.<final name>.<token>.tmp`, token 8 lowercase hex digits (see `TEMP_TOKEN_RE`)."""
+    if not isinstance(token, str) or not TEMP_TOKEN_RE.match(token):
+        raise ValueError(f"temp token {token!r} must be 8 lowercase hex digits")
     return f".{final_name}.{token}{TEMP_SUFFIX}"
 
 
+def temp_final_name(filename: str) -> str | None:
+    """The final name a temp file of ksuit's grammar stands for, or None when `filename` is not
+    `.<final>.<8 hex>.tmp` with `final` a plain file name or a journal name."""
+    match = _TEMP_RE.match(filename) if isinstance(filename, str) else None
+    if match is None:
+        return None
+    final = match["final"]
+    return final if is_plain_filename(final) or is_journal_filename(final) else None
+
+
+def is_ksuit_filename(filename: str) -> bool:
+    """A final name ksuit writes into a checkpoint folder: a checkpoint file, a manifest, a
+    journal, or a plain name in one of ksuit's formats (`.th`, `.safetensors`)."""
+    if is_journal_filename(filename):
+        return True
+    if not is_plain_filename(filename):
+        return False
+    return (
+        parse_checkpoint_filename(filename) is not None
+        or parse_manifest_filename(filename) is not None
+        or filename.endswith(FORMAT_EXTENSIONS)
+    )
+
+
 def is_temp_filename(filename: str) -> bool:
-    return filename.startswith(".") and filename.endswith(TEMP_SUFFIX)
+    """A temporary file ksuit itself writes (`.<final>.<token>.tmp` for a final name of
+    `is_ksuit_filename`): recovery deletes these, and no other dot-file ending in `.tmp`."""
+    final = temp_final_name(filename)
+    return final is not None and is_ksuit_filename(final)
 
 
 def journal_filename(sequence: int) -> str:
     return f"{JOURNAL_PREFIX}{sequence:020d}.json"
 
 
+def journal_sequence(filename: str) -> int | None:
+    """The commit sequence in a journal file name, or None when it is not one."""
+    match = _JOURNAL_RE.match(filename) if isinstance(filename, str) else None
+    return None if match is None else int(match["seq"])
+
+
 def is_journal_filename(filename: str) -> bool:
-    return filename.startswith(JOURNAL_PREFIX) and filename.endswith(".json")
+    return journal_sequence(filename) is not None

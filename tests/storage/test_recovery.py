@@ -50,7 +50,10 @@ def test_recovery_is_idempotent_after_a_crash_during_recovery(tmp_path):
     ]
     writer.write_set(files)
     first, second = tmp_path / "m_cp=latest_model.th", tmp_path / "m_cp=latest_optim.th"
-    t1, t2 = tmp_path / temp_filename(first.name, "aaaa"), tmp_path / temp_filename(second.name, "bbbb")
+    t1, t2 = (
+        tmp_path / temp_filename(first.name, "aaaa0000"),
+        tmp_path / temp_filename(second.name, "bbbb0000"),
+    )
     torch.save({"x": torch.full((2,), 10.0)}, t1)
     torch.save({"x": torch.full((2,), 11.0)}, t2)
     (tmp_path / journal_filename(5)).write_text(

@@ -160,6 +160,8 @@ def verify_command(run_dir: Path = typer.Argument(..., help="run folder (<output
             f"recovery: completed {len(report.rolled_forward)} interrupted renames, "
             f"removed {len(report.removed_temps)} temporary files"
         )
+    for problem in report.problems:  # e.g. a read-only copy: reported, the sets are still checked
+        console.print(f"recovery: {problem}", markup=False, soft_wrap=True)
     table = Table(title=str(folder))
     for column in ("group", "tag", "iteration", "files"):
         table.add_column(column)

@@ -1,31 +1,51 @@
-"""Atomic files: the crash-safety protocol of ksuit.
+"""Atomic files: the crash-safety protocol of ksuit (this docstring is its authoritative statement;
+docs/crash-safety.md explains it with the tests that prove it).
 
 Protocol
 --------
 A checkpoint save writes a *set* of files (weights, optimizer states, trainer state, for one
 tag or for a progress tag and `latest`). ksuit guarantees that after a crash at any instant,
-every tag names either its complete previous set or its complete new set, never a mix.
+every tag names either its complete previous set or its complete new set, never a mix, and
+that a save that returned is not lost.
 
 1. **Stage.** Every new file, including the updated manifest of each (group, tag), is written
-   under a temporary name in the destination folder: `.<final name>.<random>.tmp`. Temporary
-   names start with '.' and never end in `.th`, so no reader mistakes them for checkpoints.
-   Bytes stream through an xxh3-64 hash while they are written; each file is fsynced. Before
-   staging, the free space of the folder is compared with the size the set will take, and a
-   short disk fails with ENOSPC naming the path, the bytes needed and the bytes free.
-2. **Journal.** A journal `.ksuit-journal.<seq>.json` listing every `(temporary, final)` rename
-   is itself written atomically (temp, fsync, rename, fsync of the folder). The instant its
-   rename lands is the commit point of the save.
-3. **Switch.** The renames are applied in order, manifests last, the folder is fsynced and the
-   journal is removed.
-4. **Recover.** When a writer starts on a folder (and before resume reads it), every journal
-   still present is rolled forward: renames whose temporary file still exists are applied
-   (those already applied left no temporary). Temporary files not named by a journal belong to
-   a save that never committed and are deleted. The previous set was never touched, so it
-   stands.
+   under a temporary name in the destination folder: `.<final name>.<token>.tmp`, the token 8
+   random hex digits. Temporary names start with '.' and never end in `.th`, so no reader
+   mistakes them for checkpoints. Bytes stream through an xxh3-64 hash while they are written;
+   each file is fsynced. Then the folder is fsynced: the staged names are durable before the
+   journal that names them (a file system may persist directory entries in any order). Before
+   staging, a short disk fails with ENOSPC naming the path, the bytes needed and the bytes
+   free, and a folder sitting at a final name fails the save; nothing is written either way.
+   Every manifest is stamped with the save's commit sequence (`commit_sequence`), larger than
+   that of each manifest it replaces and of each journal in the folder.
+2. **Journal.** A journal `.ksuit-journal.<seq>.json` lists, in rename order, every staged file:
+   its temporary and final name, size, checksum and the manifest of its set. It is written
+   atomically (temp, fsync, rename, fsync of the folder). The instant its rename lands is the
+   commit point of the save.
+3. **Switch.** The renames are applied set by set (a set's files, then its manifest), the
+   folder is fsynced, the journal is removed and the folder fsynced again; then the save
+   returns. A failure here leaves the journal; a writer looks for journals before every save
+   and recovers first, so a failed switch is completed or discarded before anything newer is
+   written.
+4. **Recover.** Before a writer's first save in a process, before any save that finds a
+   journal, and before resume or `ksuit verify` read the folder (`ksuit.storage.recovery`).
+   Journals are untrusted: one is read only if it is a regular file (lstat, never through a
+   symlink) of at most 4 MiB whose entries name plain files in the folder, each temporary name
+   of ksuit's grammar for its final name; any other journal is refused with an error naming
+   it before anything changes. Then, oldest first, a journal is *completed* when every file it
+   lists is intact (size and checksum) at its temporary name or already renamed into place;
+   *discarded* with its temporary files when one is not (the save never fully committed; the
+   previous set was never touched, so it stands); never rolled forward over a set whose
+   manifest carries a newer commit sequence; and *left pending*, reported, when it cannot be
+   applied (a folder at a final name, a read-only folder). Finally the temporary files of
+   ksuit's grammar that no pending journal names are deleted; no other file is.
 
 A crash before the journal lands leaves the old set and some temporary files (deleted on
 recovery); a crash after leaves a journal that recovery completes. Either way each manifest
 describes exactly the files beside it, with sizes and checksums, and `ksuit verify` can prove it.
+Under power loss the same holds where fsync of files and folders is honoured and rename is
+atomic (local ext4, xfs, btrfs); folders a run creates are made durable too
+(`ksuit.providers.path_provider.make_folder_durable`).
 
 This module holds the primitives: fsync of files and folders, the single-file atomic write and
 the hashing sink that every writer streams through.
@@ -37,6 +57,7 @@ import errno
 import os
 import secrets
 import shutil
+import stat
 from collections.abc import Callable
 from pathlib import Path
 
@@ -199,9 +220,10 @@ def hash_file(path: str | Path, chunk_size: int = 16 << 20) -> tuple[int, str]:
     """`(size, xxh3-64 hex digest)` of a file, read in large chunks."""
     h = xxhash.xxh3_64()
     size = 0
-    buf = bytearray(chunk_size)
-    view = memoryview(buf)
     with open(path, "rb", buffering=0) as f:
+        # a small file needs a small buffer (zero-filling 16 MiB costs more than hashing 100 KiB)
+        buf = bytearray(max(1, min(chunk_size, os.fstat(f.fileno()).st_size + 1)))
+        view = memoryview(buf)
         while True:
             n = f.readinto(buf)
             if not n:
@@ -209,3 +231,30 @@ def hash_file(path: str | Path, chunk_size: int = 16 << 20) -> tuple[int, str]:
             h.update(view[:n])
             size += n
     return size, h.hexdigest()
+
+
+def hash_regular_file(path: str | Path, chunk_size: int = 16 << 20) -> tuple[int, str] | None:
+    """`(size, xxh3-64 hex digest)` of a regular file, or None when `path` is missing, a
+    symlink (never followed), a folder or anything else."""
+    try:
+        if not stat.S_ISREG(os.lstat(path).st_mode):  # never open a device or a FIFO
+            return None
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.EISDIR):
+            return None
+        raise
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        h = xxhash.xxh3_64()
+        size = 0
+        while chunk := os.read(fd, max(1, min(chunk_size, st.st_size + 1))):
+            h.update(chunk)
+            size += len(chunk)
+        return size, h.hexdigest()
+    finally:
+        os.close(fd)

@@ -30,6 +30,7 @@ class Manifest:
     files: dict[str, ManifestEntry] = field(default_factory=dict)
     training_iteration: dict[str, int] | None = None
     run_id: str | None = None
+    commit_sequence: int | None = None  # the journal sequence of the save that wrote it
     version: int = MANIFEST_VERSION
     checksum_algorithm: str = CHECKSUM_ALGORITHM
 
