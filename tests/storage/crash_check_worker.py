@@ -57,7 +57,7 @@ class Checker:
                 else:  # an optimizer state: every parameter took one step per update
                     steps = {int(s["step"]) for s in payload["state"].values()}
                     self.updates[key] = steps.pop() if len(steps) == 1 else f"optimizer steps {steps}"
-            except Exception as e:  # noqa: BLE001 - reported as a violation
+            except Exception as e:
                 self.updates[key] = f"does not load: {type(e).__name__}: {str(e)[:80]}"
         return self.updates[key]
 
@@ -76,7 +76,7 @@ class Checker:
         violations = []
         try:
             recover_folder(folder)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             return [f"recovery raised {type(e).__name__}: {str(e)[:200]}"]
         left = sorted(n for n in os.listdir(folder) if n.endswith(".tmp") or n.startswith(".ksuit-journal"))
         if left:
@@ -91,7 +91,7 @@ class Checker:
             if returned is not None:
                 violations.append(f"no set to resume from after the save of update {returned} returned: {e}")
             return violations
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             return [*violations, f"resume raised {type(e).__name__}: {str(e)[:200]}"]
         update = chosen.training_iteration.update
         if returned is not None and update < returned:
@@ -125,7 +125,7 @@ def trust_journals_blindly() -> None:
 
     import ksuit.storage.recovery as recovery
 
-    def entry_state(folder: Path, entry) -> str:  # noqa: ANN001
+    def entry_state(folder: Path, entry) -> str:
         temp = folder / entry.temp
         if not os.path.lexists(temp):
             return "applied"

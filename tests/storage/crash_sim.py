@@ -131,7 +131,7 @@ class Recorder:
         self.recording.ops.append(op)
 
     # ---- wrapped os functions -------------------------------------------------------------
-    def _open(self, path, flags, mode=0o777, *, dir_fd=None):  # noqa: ANN001, ANN202
+    def _open(self, path, flags, mode=0o777, *, dir_fd=None):
         real = self._real["open"]
         if dir_fd is not None:
             return real(path, flags, mode, dir_fd=dir_fd)
@@ -161,7 +161,7 @@ class Recorder:
                     self._add(Op("truncate", ino=ino, offset=0))
             return fd
 
-    def _record_write(self, fd: int, data, offset: int, n: int) -> None:  # noqa: ANN001
+    def _record_write(self, fd: int, data, offset: int, n: int) -> None:
         ino = self._file_fds[fd]
         chunk = bytes(memoryview(data).cast("B")[:n])
         content = self._content[ino]
@@ -170,7 +170,7 @@ class Recorder:
         content[offset : offset + n] = chunk
         self._add(Op("write", ino=ino, offset=offset, data=chunk))
 
-    def _write(self, fd, data):  # noqa: ANN001, ANN202
+    def _write(self, fd, data):
         if fd not in self._file_fds:
             return self._real["write"](fd, data)
         with self._lock:
@@ -179,7 +179,7 @@ class Recorder:
             self._record_write(fd, data, offset, n)
             return n
 
-    def _pwrite(self, fd, data, offset):  # noqa: ANN001, ANN202
+    def _pwrite(self, fd, data, offset):
         if fd not in self._file_fds:
             return self._real["pwrite"](fd, data, offset)
         with self._lock:
@@ -187,7 +187,7 @@ class Recorder:
             self._record_write(fd, data, offset, n)
             return n
 
-    def _ftruncate(self, fd, length):  # noqa: ANN001, ANN202
+    def _ftruncate(self, fd, length):
         self._real["ftruncate"](fd, length)
         if fd in self._file_fds:
             with self._lock:
@@ -207,10 +207,10 @@ class Recorder:
                 self._check_content(fd, ino)
                 self._add(Op("fsync", ino=ino))
 
-    def _fsync(self, fd):  # noqa: ANN001, ANN202
+    def _fsync(self, fd):
         self._sync(fd, "fsync")
 
-    def _fdatasync(self, fd):  # noqa: ANN001, ANN202
+    def _fdatasync(self, fd):
         self._sync(fd, "fdatasync")
 
     def _check_content(self, fd: int, ino: int) -> None:
@@ -220,13 +220,13 @@ class Recorder:
         if actual != bytes(self._content[ino]):
             raise AssertionError("a write to a checkpoint file bypassed the recorder")
 
-    def _close(self, fd):  # noqa: ANN001, ANN202
+    def _close(self, fd):
         with self._lock:
             self._file_fds.pop(fd, None)
             self._dir_fds.discard(fd)
             return self._real["close"](fd)
 
-    def _rename_like(self, real_name: str, src, dst, **kw):  # noqa: ANN001, ANN202
+    def _rename_like(self, real_name: str, src, dst, **kw):
         (ws, src_name), (wd, dst_name) = self._where(src), self._where(dst)
         if ws != "in" and wd != "in":
             return self._real[real_name](src, dst, **kw)
@@ -238,13 +238,13 @@ class Recorder:
             self._names[dst_name] = ino
             self._add(Op("rename", name=src_name, dst=dst_name, ino=ino))
 
-    def _replace(self, src, dst, **kw):  # noqa: ANN001, ANN202
+    def _replace(self, src, dst, **kw):
         return self._rename_like("replace", src, dst, **kw)
 
-    def _rename(self, src, dst, **kw):  # noqa: ANN001, ANN202
+    def _rename(self, src, dst, **kw):
         return self._rename_like("rename", src, dst, **kw)
 
-    def _unlink_like(self, real_name: str, path, **kw):  # noqa: ANN001, ANN202
+    def _unlink_like(self, real_name: str, path, **kw):
         where, name = self._where(path)
         if where != "in" or kw:
             return self._real[real_name](path, **kw)
@@ -253,13 +253,13 @@ class Recorder:
             ino = self._names.pop(name)
             self._add(Op("unlink", name=name, ino=ino))
 
-    def _unlink(self, path, **kw):  # noqa: ANN001, ANN202
+    def _unlink(self, path, **kw):
         return self._unlink_like("unlink", path, **kw)
 
-    def _remove(self, path, **kw):  # noqa: ANN001, ANN202
+    def _remove(self, path, **kw):
         return self._unlink_like("remove", path, **kw)
 
-    def _mkdir(self, path, mode=0o777, **kw):  # noqa: ANN001, ANN202
+    def _mkdir(self, path, mode=0o777, **kw):
         where, name = self._where(path)
         self._real["mkdir"](path, mode, **kw)
         if where == "in":

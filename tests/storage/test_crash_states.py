@@ -77,7 +77,7 @@ def record(run: Run, initial_label: dict | None, saves: int, monkeypatch: pytest
     real_write_set = transaction.SetWriter.write_set
     recorder = Recorder(run.folder, initial_label)
 
-    def write_set(self, files, run_id=None):  # noqa: ANN001, ANN202
+    def write_set(self, files, run_id=None):
         written = real_write_set(self, files, run_id)
         recorder.mark(update=files[0].training_iteration["update"])
         return written
@@ -224,7 +224,7 @@ def skip_the_staging_fsync(monkeypatch: pytest.MonkeyPatch) -> None:
     """A mutation: the folder is not fsynced between staging and the journal (the old protocol)."""
     real = transaction.fsync_dir
 
-    def fsync_dir(path):  # noqa: ANN001, ANN202
+    def fsync_dir(path):
         if sys._getframe(1).f_code.co_name != "_write_set_locked":
             real(path)
 

@@ -202,7 +202,7 @@ def fail_rename(monkeypatch, call: int, exc: BaseException) -> None:
     save is the journal's: its commit point)."""
     real, calls = os.replace, [0]
 
-    def replace(src, dst, **kw):  # noqa: ANN001, ANN202
+    def replace(src, dst, **kw):
         calls[0] += 1
         if calls[0] == call:
             monkeypatch.setattr(os, "replace", real)
@@ -318,22 +318,22 @@ def test_run_folders_are_created_durably(tmp_path, monkeypatch):
     dir_fds: dict[int, str] = {}
     events: list[tuple[str, str]] = []
 
-    def mkdir(path, *a, **kw):  # noqa: ANN001, ANN202
+    def mkdir(path, *a, **kw):
         real_mkdir(path, *a, **kw)
         events.append(("mkdir", os.path.abspath(path)))
 
-    def open_(path, flags, *a, **kw):  # noqa: ANN001, ANN202
+    def open_(path, flags, *a, **kw):
         fd = real_open(path, flags, *a, **kw)
         if isinstance(path, (str, os.PathLike)) and os.path.isdir(path):
             dir_fds[fd] = os.path.abspath(path)
         return fd
 
-    def fsync(fd):  # noqa: ANN001, ANN202
+    def fsync(fd):
         real_fsync(fd)
         if fd in dir_fds:
             events.append(("fsync", dir_fds[fd]))
 
-    def close(fd):  # noqa: ANN001, ANN202
+    def close(fd):
         dir_fds.pop(fd, None)
         real_close(fd)
 
@@ -393,7 +393,7 @@ def test_a_folder_at_a_final_name_after_the_commit_does_not_wedge_the_run(tmp_pa
     obstacle = run.folder / "autoencoder.decoder_cp=latest_optim.th"
     real = os.replace
 
-    def replace(src, dst, **kw):  # noqa: ANN001, ANN202
+    def replace(src, dst, **kw):
         real(src, dst, **kw)
         if is_journal_filename(Path(dst).name):  # right after the commit point
             monkeypatch.setattr(os, "replace", real)
