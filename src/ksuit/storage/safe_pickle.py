@@ -31,7 +31,8 @@ import importlib
 import io
 import pickle
 import pickletools
-from collections.abc import Callable, Mapping
+import struct
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -282,92 +283,136 @@ class _Machine:
             raise _corrupt(f"stores memo entry {index!r}")
         self.memo[index] = self.top()
 
-    def step(self, name: str, arg: Any) -> None:  # noqa: C901 - one branch per opcode
-        stack = self.stack
-        if name in ("BINPUT", "LONG_BINPUT", "PUT"):
-            self.memo_put(arg)
-        elif name == "MEMOIZE":
-            self.memo_put(len(self.memo))
-        elif name in ("BINGET", "LONG_BINGET", "GET"):
-            self.memo_get(arg)
-        elif name in _CONSTANTS:
-            stack.append(arg)
-        elif name == "BYTEARRAY8":
-            stack.append(bytes(arg))
-        elif name == "NONE":
-            stack.append(None)
-        elif name in ("NEWTRUE", "NEWFALSE"):
-            stack.append(name == "NEWTRUE")
-        elif name == "MARK":
-            self.metastack.append(self.stack)
-            self.stack = []
-        elif name in ("EMPTY_TUPLE", "TUPLE1", "TUPLE2", "TUPLE3"):
-            n = {"EMPTY_TUPLE": 0, "TUPLE1": 1, "TUPLE2": 2, "TUPLE3": 3}[name]
-            items = [self.pop() for _ in range(n)][::-1]
-            stack.append(Node("tuple", children=items))
-        elif name in ("TUPLE", "LIST", "FROZENSET"):
-            items = self.pop_mark()
-            self.stack.append(Node(name.lower(), children=items))
-        elif name == "DICT":
-            items = self.pop_mark()
-            if len(items) % 2:
-                raise _corrupt("builds a dict from an odd number of items")
-            self.stack.append(Node("dict", children=items))
-        elif name in ("EMPTY_LIST", "EMPTY_DICT", "EMPTY_SET"):
-            stack.append(Node(name[6:].lower()))
-        elif name == "APPEND":
-            item = self.pop()
-            self.container(("list",), "appends to").children.append(item)
-        elif name == "APPENDS":
-            items = self.pop_mark()
-            self.container(("list",), "appends to").children.extend(items)
-        elif name == "SETITEM":
-            value, key = self.pop(), self.pop()
-            self.container(("dict",), "sets an item of").children.extend((key, value))
-        elif name == "SETITEMS":
-            items = self.pop_mark()
-            if len(items) % 2:
-                raise _corrupt("sets items from an odd number of values")
-            self.container(("dict",), "sets items of").children.extend(items)
-        elif name == "ADDITEMS":
-            items = self.pop_mark()
-            self.container(("set",), "adds items to").children.extend(items)
-        elif name in ("GLOBAL", "STACK_GLOBAL"):
-            if name == "GLOBAL":
-                module, _, attr = str(arg).partition(" ")
-            else:
-                attr, module = self.pop(), self.pop()
-            self.do_global(module, attr)
-        elif name in ("REDUCE", "NEWOBJ"):
-            self.do_call(name)
-        elif name == "NEWOBJ_EX":
-            kwargs = self.pop()
-            if items_of(kwargs, "dict") != []:
-                raise _unsafe("it instantiates a class with keyword arguments")
-            self.do_call("NEWOBJ")
-        elif name == "BUILD":
-            self.do_build()
-        elif name == "BINPERSID":
-            self.persistent()
-        elif name == "DUP":
-            stack.append(self.top())
-        elif name == "POP":
-            if stack:
-                stack.pop()
-            else:
-                self.pop_mark()
-        elif name == "POP_MARK":
-            self.pop_mark()
-        elif name == "PROTO":
-            self.result.protocol = arg
-            if arg > self.policy.max_protocol:
-                raise _unsafe(f"it uses pickle protocol {arg}; at most {self.policy.max_protocol} is read")
-        elif name == "FRAME":
-            pass
-        elif name in _REFUSED_OPS:
-            raise _unsafe(f"it {_REFUSED_OPS[name]} (opcode {name})")
-        else:  # pragma: no cover - every opcode of protocol 0-5 is handled above
-            raise _unsafe(f"it uses the opcode {name}, which ksuit does not read")
+    # -- one handler per opcode (name -> handler(arg))
+    def table(self) -> dict[str, Callable[[Any], None]]:
+        push = self.push
+        handlers: dict[str, Callable[[Any], None]] = dict.fromkeys(_CONSTANTS, push)
+        handlers.update(
+            {
+                "BINPUT": self.memo_put,
+                "LONG_BINPUT": self.memo_put,
+                "PUT": self.memo_put,
+                "MEMOIZE": lambda _: self.memo_put(len(self.memo)),
+                "BINGET": self.memo_get,
+                "LONG_BINGET": self.memo_get,
+                "GET": self.memo_get,
+                "BYTEARRAY8": lambda arg: push(bytes(arg)),
+                "NONE": lambda _: push(None),
+                "NEWTRUE": lambda _: push(True),
+                "NEWFALSE": lambda _: push(False),
+                "MARK": self.mark,
+                "EMPTY_TUPLE": lambda _: push(Node("tuple")),
+                "TUPLE1": lambda _: self.small_tuple(1),
+                "TUPLE2": lambda _: self.small_tuple(2),
+                "TUPLE3": lambda _: self.small_tuple(3),
+                "TUPLE": lambda _: push(Node("tuple", children=self.pop_mark())),
+                "LIST": lambda _: push(Node("list", children=self.pop_mark())),
+                "FROZENSET": lambda _: push(Node("frozenset", children=self.pop_mark())),
+                "DICT": lambda _: push(Node("dict", children=self.pairs("builds a dict"))),
+                "EMPTY_LIST": lambda _: push(Node("list")),
+                "EMPTY_DICT": lambda _: push(Node("dict")),
+                "EMPTY_SET": lambda _: push(Node("set")),
+                "APPEND": lambda _: self.add(("list",), "appends to", [self.pop()]),
+                "APPENDS": lambda _: self.add(("list",), "appends to", self.pop_mark()),
+                "SETITEM": lambda _: self.add(("dict",), "sets an item of", self.popn(2)),
+                "SETITEMS": lambda _: self.add(("dict",), "sets items of", self.pairs("sets items")),
+                "ADDITEMS": lambda _: self.add(("set",), "adds items to", self.pop_mark()),
+                "GLOBAL": lambda arg: self.do_global(*str(arg).partition(" ")[::2]),
+                "STACK_GLOBAL": lambda _: self.do_global(*self.popn(2)),
+                "REDUCE": lambda _: self.do_call("REDUCE"),
+                "NEWOBJ": lambda _: self.do_call("NEWOBJ"),
+                "NEWOBJ_EX": self.newobj_ex,
+                "BUILD": lambda _: self.do_build(),
+                "BINPERSID": lambda _: self.persistent(),
+                "DUP": lambda _: push(self.top()),
+                "POP": lambda _: self.pop() if self.stack else self.pop_mark(),
+                "POP_MARK": lambda _: self.pop_mark(),
+                "PROTO": self.proto,
+                "FRAME": lambda _: None,
+            }
+        )
+        return handlers
+
+    def push(self, value: Any) -> None:
+        self.stack.append(value)
+
+    def mark(self, _: Any) -> None:
+        self.metastack.append(self.stack)
+        self.stack = []
+
+    def popn(self, n: int) -> list[Any]:
+        return [self.pop() for _ in range(n)][::-1]
+
+    def small_tuple(self, n: int) -> None:
+        self.stack.append(Node("tuple", children=self.popn(n)))
+
+    def pairs(self, what: str) -> list[Any]:
+        items = self.pop_mark()
+        if len(items) % 2:
+            raise _corrupt(f"{what} from an odd number of values")
+        return items
+
+    def add(self, kinds: tuple[str, ...], what: str, items: list[Any]) -> None:
+        self.container(kinds, what).children.extend(items)
+
+    def newobj_ex(self, _: Any) -> None:
+        if items_of(self.pop(), "dict") != []:
+            raise _unsafe("it instantiates a class with keyword arguments")
+        self.do_call("NEWOBJ")
+
+    def proto(self, arg: int) -> None:
+        self.result.protocol = arg
+        if arg > self.policy.max_protocol:
+            raise _unsafe(f"it uses pickle protocol {arg}; at most {self.policy.max_protocol} is read")
+
+
+_CODES = {op.code.encode("latin-1")[0]: op for op in pickletools.opcodes}
+_NO_ARG = {code: op.name for code, op in _CODES.items() if op.arg is None}
+_UINT = {ord("q"): ("BINPUT", 1), ord("h"): ("BINGET", 1), ord("K"): ("BININT1", 1)}
+_STRUCT = {
+    ord("r"): ("LONG_BINPUT", struct.Struct("<I")),
+    ord("j"): ("LONG_BINGET", struct.Struct("<I")),
+    ord("J"): ("BININT", struct.Struct("<i")),
+    ord("M"): ("BININT2", struct.Struct("<H")),
+    ord("G"): ("BINFLOAT", struct.Struct(">d")),
+}
+
+
+def _opcodes(data: bytes) -> Iterator[tuple[str, Any]]:
+    """`(opcode name, argument)` of each instruction, as `pickletools.genops` gives them (whose
+    readers decode the rare opcodes), with the frequent ones decoded inline for speed."""
+    stream = io.BytesIO(data)
+    end, pos = len(data), 0
+    while pos < end:
+        code = data[pos]
+        pos += 1
+        if code in _NO_ARG:
+            yield _NO_ARG[code], None
+        elif code in _UINT:
+            if pos >= end:
+                break
+            yield _UINT[code][0], data[pos]
+            pos += 1
+        elif code in _STRUCT:
+            name, fmt = _STRUCT[code]
+            if pos + fmt.size > end:
+                break
+            yield name, fmt.unpack_from(data, pos)[0]
+            pos += fmt.size
+        elif code == 0x58:  # BINUNICODE
+            if pos + 4 > end or pos + 4 + int.from_bytes(data[pos : pos + 4], "little") > end:
+                break
+            n = int.from_bytes(data[pos : pos + 4], "little")
+            yield "BINUNICODE", str(data[pos + 4 : pos + 4 + n], "utf-8", "surrogatepass")
+            pos += 4 + n
+        elif code in _CODES:
+            op = _CODES[code]
+            stream.seek(pos)
+            yield op.name, op.arg.reader(stream)
+            pos = stream.tell()
+        else:
+            raise ValueError(f"unknown opcode {code:#04x} at byte {pos - 1}")
+    raise ValueError("the pickle ends before its STOP opcode")
 
 
 def _measure(root: Any, policy: PicklePolicy, ops: int) -> tuple[int, int]:
@@ -425,15 +470,21 @@ def scan_pickle(data: bytes | memoryview, policy: PicklePolicy, source: str) -> 
             f"{policy.max_bytes} bytes allowed{policy.hint}"
         )
     machine = _Machine(policy)
+    handlers = machine.table()
     ops = 0
     try:
-        for opcode, arg, _pos in pickletools.genops(io.BytesIO(bytes(data))):
+        for name, arg in _opcodes(bytes(data)):
             ops += 1
             if ops > policy.max_ops:
                 raise _unsafe(f"it has more than {policy.max_ops} opcodes")
-            if opcode.name == "STOP":
+            if name == "STOP":
                 break
-            machine.step(opcode.name, arg)
+            handler = handlers.get(name)
+            if handler is None:
+                raise _unsafe(
+                    f"it {_REFUSED_OPS.get(name, 'uses an opcode ksuit does not read')} (opcode {name})"
+                )
+            handler(arg)
         else:
             raise _corrupt("it ends before its STOP opcode")
         root = machine.pop()

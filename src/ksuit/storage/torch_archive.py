@@ -73,7 +73,7 @@ def _ints(value: Any, what: str) -> list[int] | str:
     items = items_of(value)
     if items is None:
         items = items_of(value, "list")
-    if items is None or len(items) > 64 or not all(is_int(i) and i >= 0 for i in items):
+    if items is None or len(items) > 64 or not all(type(i) is int and i >= 0 for i in items):
         return f"a {what} that is not a tuple of at most 64 ints >= 0"
     return items
 
