@@ -292,7 +292,7 @@ def writers():
     return {
         "torch.save": lambda p, path: torch.save(p, path),
         "torch.save unaligned": lambda p, path: torch_save(p, path, 1),
-        "ksuit": lambda p, path: write_torch_zip(p, open(path, "wb")),
+        "ksuit": lambda p, path: write_torch_zip(p, path.open("wb")),
     }
 
 
@@ -310,6 +310,18 @@ def test_every_legitimate_payload_still_loads(tmp_path, writer, mmap):
     assert loaded["views"][0].untyped_storage().data_ptr() == loaded["views"][1].untyped_storage().data_ptr()
     meta = read_metadata(path)
     assert meta["scalar"] == {"shape": [], "dtype": "float32", "nbytes": 4}
+
+
+def test_zip64_records_and_offsets_pass_the_checks(tmp_path, monkeypatch):
+    """Files past 4 GiB use zip64 sizes and offsets; a lowered threshold takes that path here."""
+    from ksuit.storage import torch_zip
+
+    monkeypatch.setattr(torch_zip, "ZIP64_LIMIT", 100)
+    payload = every_kind_of_payload()
+    path = tmp_path / "z64.th"
+    with open(path, "wb") as f:
+        write_torch_zip(payload, f)
+    assert_bitwise_equal(load_file(path, mmap=True)["state_dict"], payload["state_dict"])
 
 
 def test_read_metadata_bounds_what_it_describes(tmp_path, monkeypatch):

@@ -133,6 +133,17 @@ def test_a_damaged_manifest_is_a_damaged_set_that_resume_skips(run, change):
     assert LATEST in reasons["latest"] and "not a valid ksuit manifest" in reasons["latest"]
 
 
+def test_an_oversized_manifest_is_not_read(run, monkeypatch):
+    from ksuit.storage import manifest
+
+    cap = max(p.stat().st_size for p in run.folder.glob("*.manifest.json"))
+    monkeypatch.setattr(manifest, "MAX_MANIFEST_BYTES", cap)
+    damage(run, lambda raw: raw + b" " * cap)  # still valid JSON, but too big to read
+    chosen, skipped = select_resume_set(run.run_dir, "autoencoder")
+    assert chosen.tag == "E0_U2_S0"
+    assert f"more than the {cap} bytes a manifest may have" in dict(skipped)["latest"]
+
+
 def test_a_newer_manifest_version_says_upgrade(run):
     damage(run, edit_json(lambda d: d.update(version=2)))
     chosen, skipped = select_resume_set(run.run_dir, "autoencoder")

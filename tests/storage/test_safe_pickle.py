@@ -3,6 +3,7 @@ walk, without running anything; `restricted_loads` reads what it allows."""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import pickle
 
@@ -93,3 +94,22 @@ def test_bounds_on_bytes_opcodes_and_nodes():
     assert result.tree_nodes == 1 + 50 * 101
     with pytest.raises(UnsafeCheckpointError, match="reference bomb"):
         scan_pickle(pickle.dumps(shared, protocol=2), PicklePolicy(globals={}, max_tree_nodes=1000), "f")
+
+
+@dataclasses.dataclass
+class ChunkMeta:
+    """Stands in for the dataclasses torch.distributed.checkpoint pickles into `.metadata`."""
+
+    offsets: tuple
+    sizes: tuple
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_allowlisted_dataclasses_load_through_newobj_and_build(protocol):
+    value = {"w": [ChunkMeta((0, 0), (4, 4)), ChunkMeta((4, 0), (4, 4))]}
+    data = pickle.dumps(value, protocol=protocol)
+    name = f"{__name__}.ChunkMeta"
+    policy = PicklePolicy(globals={name: GlobalRule(new=True, build=True)})
+    assert restricted_loads(data, policy, "meta") == value
+    with pytest.raises(UnsafeCheckpointError, match="may not be instantiated"):
+        restricted_loads(data, PicklePolicy(globals={name: GlobalRule(build=True)}), "meta")

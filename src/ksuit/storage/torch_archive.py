@@ -220,6 +220,7 @@ TORCH_POLICY = PicklePolicy(
     globals=_torch_globals(),
     max_bytes=MAX_PICKLE_BYTES,
     max_protocol=2,  # what torch.save writes and weights_only reads
+    max_ops=8_000_000,  # the scan keeps ~150 bytes per opcode: at most ~1.2 GB for any data.pkl
     persistent_id=_check_storage_id,
     hint=HINT,
 )
