@@ -132,9 +132,6 @@ class ScanResult:
     persistent_ids: list[Any] = field(default_factory=list)  # each as `to_python` gives it
 
 
-_MARK = object()
-
-
 class _Refused(Exception):
     def __init__(self, message: str, corrupt: bool = False):
         super().__init__(message)
@@ -186,13 +183,10 @@ class _Machine:
     def pop(self) -> Any:
         if not self.stack:
             raise _corrupt("pops from an empty stack")
-        value = self.stack.pop()
-        if value is _MARK:
-            raise _corrupt("pops a mark as a value")
-        return value
+        return self.stack.pop()
 
     def top(self) -> Any:
-        if not self.stack or self.stack[-1] is _MARK:
+        if not self.stack:
             raise _corrupt("reads an empty stack")
         return self.stack[-1]
 
