@@ -64,6 +64,7 @@ def ctx(tmp_path, path_provider, update_counter):
     torch.save({"state_dict": OK_SD}, tmp_path / "no_config.th")
     good = (folder / "autoencoder.encoder_cp=E0_U1_S0_model.th").read_bytes()
     (tmp_path / "truncated.th").write_bytes(good[: len(good) // 2])
+    (tmp_path / "random.th").write_bytes(bytes(range(256)) * 4)
     (tmp_path / "a_file").write_text("not a folder")
     (tmp_path / "empty_run").mkdir()
     locked = tmp_path / "locked_run"
@@ -376,6 +377,12 @@ CASES = [
         lambda c: load_file(c.tmp / "truncated.th"),
         CorruptCheckpointError,
         ["truncated.th", "truncated or corrupt", "ksuit verify"],
+    ),
+    (
+        "load_file: random bytes",
+        lambda c: load_file(c.tmp / "random.th"),
+        CorruptCheckpointError,
+        ["random.th", "not a checkpoint", "written by ksuit or torch.save"],
     ),
 ]
 

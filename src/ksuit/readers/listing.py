@@ -1,4 +1,9 @@
-"""Listing the checkpoints of a run from file names (and manifests), without loading tensors."""
+"""Listing the checkpoints of a run from file names (and manifests), without loading tensors.
+
+Only regular files are checkpoints: an entry with a checkpoint or manifest name that is a
+symbolic link (wherever it points, inside the folder or out), a FIFO, a device or a folder is
+never followed, opened or stat'ed through; `folder_problems` reports it instead.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ksuit.layout import CheckpointName, parse_checkpoint_filename, parse_manifest_filename
-from ksuit.storage.errors import CorruptCheckpointError
+from ksuit.storage.errors import CorruptCheckpointError, UnsafeCheckpointError
 from ksuit.storage.manifest import Manifest, read_manifest
+from ksuit.storage.safe_files import not_regular_problem
 from ksuit.utils.training import TrainingIteration
 
 
@@ -71,21 +77,37 @@ def _find_checkpoint_dir(run_dir: Path) -> Path:
 def manifest_index(folder: Path) -> tuple[dict[str, Manifest], dict[str, str]]:
     """`({manifest file: manifest}, {checkpoint file: manifest file listing it})` of a folder.
 
-    Unreadable manifests are left out here; `ksuit.readers.sets` reports them.
+    Unreadable manifests are left out here; `folder_problems` and `ksuit.readers.sets` report them.
     """
-    manifests: dict[str, Manifest] = {}
+    manifests, _ = read_manifests(folder)
     owner: dict[str, str] = {}
+    for name, manifest in manifests.items():
+        for filename in manifest.files:
+            owner[filename] = name
+    return manifests, owner
+
+
+def read_manifests(folder: Path) -> tuple[dict[str, Manifest], dict[str, str]]:
+    """`({manifest file: manifest}, {manifest file: why it cannot be read})` of a folder."""
+    manifests: dict[str, Manifest] = {}
+    problems: dict[str, str] = {}
     for path in sorted(folder.iterdir()):
         if parse_manifest_filename(path.name) is None:
             continue
         try:
-            manifest = read_manifest(path)
-        except (CorruptCheckpointError, OSError):
-            continue
-        manifests[path.name] = manifest
-        for filename in manifest.files:
-            owner[filename] = path.name
-    return manifests, owner
+            manifests[path.name] = read_manifest(path)
+        except (CorruptCheckpointError, UnsafeCheckpointError, OSError) as e:
+            problems[path.name] = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return manifests, problems
+
+
+def folder_problems(run_dir: str | Path) -> dict[str, str]:
+    """`{file name: problem}` for the checkpoint folder of a run: manifests that cannot be read
+    and checkpoint or manifest names that are not regular files."""
+    folder = find_checkpoint_dir(run_dir)
+    _, irregular = _scandir(folder)
+    _, problems = read_manifests(folder)
+    return {**problems, **irregular}
 
 
 def _iteration_of(
@@ -110,7 +132,7 @@ def list_checkpoints(run_dir: str | Path) -> list[CheckpointInfo]:
     folder = find_checkpoint_dir(run_dir)
     manifests, owner = manifest_index(folder)
     result = []
-    for entry in _scandir(folder):
+    for entry in _scandir(folder)[0]:
         name = parse_checkpoint_filename(entry.name)
         if name is None:
             continue
@@ -120,7 +142,7 @@ def list_checkpoints(run_dir: str | Path) -> list[CheckpointInfo]:
                 tag=name.tag,
                 kind=name.kind,
                 path=Path(entry.path),
-                size_bytes=entry.stat().st_size,
+                size_bytes=entry.stat(follow_symlinks=False).st_size,
                 training_iteration=_iteration_of(name, manifests, owner),
                 info=name.info,
                 format=name.format,
@@ -141,6 +163,22 @@ def list_checkpoints(run_dir: str | Path) -> list[CheckpointInfo]:
     return sorted(result, key=order)
 
 
-def _scandir(folder: Path):
+def _scandir(folder: Path) -> tuple[list[os.DirEntry], dict[str, str]]:
+    """`(regular files, {name: problem} for checkpoint or manifest names that are not regular files)`;
+    links are never followed."""
+    regular, irregular = [], {}
     with os.scandir(folder) as it:
-        return [e for e in it if e.is_file()]
+        for entry in it:
+            if entry.is_file(follow_symlinks=False):
+                regular.append(entry)
+            elif parse_checkpoint_filename(entry.name) or parse_manifest_filename(entry.name):
+                try:
+                    irregular[entry.name] = not_regular_problem(entry.stat(follow_symlinks=False).st_mode)
+                except FileNotFoundError:  # removed meanwhile
+                    continue
+    return regular, irregular
+
+
+def irregular_entries(run_dir: str | Path) -> dict[str, str]:
+    """`{name: problem}` for checkpoint or manifest names in the folder that are not regular files."""
+    return _scandir(find_checkpoint_dir(run_dir))[1]

@@ -1,7 +1,10 @@
 """Checkpoint sets: the files one tag of one group holds, checked against their manifest.
 
 Resume reads only sets that are complete (every file present with its recorded size and
-checksum) and consistent (every file written at the same training iteration).
+checksum) and consistent (every file written at the same training iteration). A set whose
+manifest cannot be read (damaged, wrongly typed, not a regular file) or that has a file that
+is not a regular file (a symbolic link, FIFO, device) is reported with its problem and skipped;
+other sets are unaffected.
 """
 
 from __future__ import annotations
@@ -10,9 +13,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ksuit.layout import parse_manifest_filename
-from ksuit.readers.listing import CheckpointInfo, find_checkpoint_dir, list_checkpoints
-from ksuit.storage.errors import CorruptCheckpointError
+from ksuit.layout import parse_checkpoint_filename, parse_manifest_filename
+from ksuit.readers.listing import CheckpointInfo, find_checkpoint_dir, irregular_entries, list_checkpoints
+from ksuit.storage.errors import CorruptCheckpointError, UnsafeCheckpointError
 from ksuit.storage.manifest import Manifest, read_manifest, verify_file
 from ksuit.storage.transaction import folder_lock, recover_folder
 from ksuit.utils.training import TrainingIteration
@@ -30,6 +33,7 @@ class CheckpointSet:
     # copies of members in another format that the manifest does not list (`ksuit export`):
     # standalone files beside the set, not part of it, never loaded by resume
     others: dict[str, CheckpointInfo] = field(default_factory=dict)
+    irregular: dict[str, str] = field(default_factory=dict)  # names that are not regular files
 
     @property
     def ok(self) -> bool:
@@ -67,6 +71,7 @@ class CheckpointSet:
         for name in self.files:
             if name not in self.manifest.files:
                 self.problems[name] = "not listed in the manifest"
+        self.problems.update(self.irregular)
         iterations = self.manifest.iterations()
         if len(iterations) > 1:
             by_file = {
@@ -91,9 +96,9 @@ def scan_sets(run_dir: str | Path, checksum: bool = False) -> list[CheckpointSet
         try:
             manifest = read_manifest(path)
             sets[(group, tag)] = CheckpointSet(group, tag, folder, manifest)
-        except (CorruptCheckpointError, OSError) as e:
+        except (CorruptCheckpointError, UnsafeCheckpointError, OSError) as e:
             s = CheckpointSet(group, tag, folder, None)
-            s.problems["(manifest)"] = str(e)
+            s.problems["(manifest)"] = str(e).splitlines()[0] if str(e) else type(e).__name__
             sets[(group, tag)] = s
     owner = {name: key for key, s in sets.items() if s.manifest for name in s.manifest.files}
     # a member in another format (`ksuit export` writes x_model.safetensors beside x_model.th)
@@ -106,9 +111,16 @@ def scan_sets(run_dir: str | Path, checksum: bool = False) -> list[CheckpointSet
         if key not in sets:
             sets[key] = CheckpointSet(info.group, info.tag, folder, None)
         sets[key].files[info.path.name] = info
+    for name, problem in irregular_entries(folder).items():
+        parsed = parse_checkpoint_filename(name)
+        key = owner.get(name) or ((parsed.group, parsed.tag) if parsed else parse_manifest_filename(name))
+        if key not in sets:
+            sets[key] = CheckpointSet(*key, folder, None)
+        sets[key].irregular[name] = problem
     for s in sets.values():
         if "(manifest)" not in s.problems:
             s.check(checksum)
+        s.problems.update(s.irregular)
     return sorted(sets.values(), key=lambda s: (s.group, _sort_key(s)))
 
 

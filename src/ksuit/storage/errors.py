@@ -2,8 +2,11 @@
 
 
 class CorruptCheckpointError(RuntimeError):
-    """A file is truncated, torn or does not match its manifest."""
+    """A file is not a readable checkpoint: empty, truncated, torn, damaged (wrongly typed or
+    inconsistent headers and manifests), or it does not match its manifest."""
 
 
 class UnsafeCheckpointError(RuntimeError):
-    """A file carries pickled objects other than tensors and plain Python values."""
+    """A file ksuit refuses to read because trusting it could run code or exhaust resources:
+    pickled objects other than tensors and plain Python values, compressed records, sizes beyond
+    sane bounds, or a special file (FIFO, device, symbolic link) where a regular file belongs."""

@@ -1,18 +1,35 @@
 """Per-set manifests: which files make up the set `<group>_cp=<tag>`, with sizes, checksums
-and the training iteration each was written at."""
+and the training iteration each was written at.
+
+On disk a manifest is the JSON `Manifest.to_json` writes (unchanged since ksuit 0.1). Reading
+one trusts nothing: the file must be a regular file (not a link, FIFO or device) of at most
+`MAX_MANIFEST_BYTES`, and every field is validated with strict types (`_ManifestSchema`): sizes
+are ints >= 0, checksums xxh3-64 hex digests, iterations `{epoch|update|sample: int >= 0}`,
+and every file name a plain checkpoint file name of the layout grammar (no '/', no '..', not
+absolute, not hidden), so a manifest can only ever name files inside its own folder. Any
+violation is a `CorruptCheckpointError` naming the manifest: the set is damaged, not the run.
+Unknown extra keys are ignored, so a newer ksuit may add fields without breaking this one.
+"""
 
 from __future__ import annotations
 
 import json
+import os
+import stat
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from ksuit.layout import manifest_filename, parse_manifest_filename
-from ksuit.storage.atomic import CHECKSUM_ALGORITHM, hash_file
-from ksuit.storage.errors import CorruptCheckpointError
+import pydantic_core
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+
+from ksuit.layout import KINDS, manifest_filename, parse_checkpoint_filename, parse_manifest_filename
+from ksuit.storage.atomic import CHECKSUM_ALGORITHM
+from ksuit.storage.errors import CorruptCheckpointError, UnsafeCheckpointError
+from ksuit.storage.safe_files import hash_fd, not_regular_problem, open_regular, read_regular
 
 MANIFEST_VERSION = 1
+MAX_MANIFEST_BYTES = 16 << 20  # ~100k files per set
 
 
 @dataclass
@@ -43,28 +60,98 @@ class Manifest:
         return json.dumps(data, indent=1, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str, source: str = "manifest") -> Manifest:
+    def from_json(cls, text: str | bytes, source: str = "manifest") -> Manifest:
+        """Parses and validates a manifest (see the module docstring)."""
         try:
-            data = json.loads(text)
-            files = {name: ManifestEntry(**entry) for name, entry in data.pop("files").items()}
-            manifest = cls(files=files, **data)
-        except (ValueError, TypeError, KeyError, AttributeError) as e:
-            raise CorruptCheckpointError(f"{source} is not a valid ksuit manifest: {e}") from e
-        if manifest.version > MANIFEST_VERSION:
+            data = pydantic_core.from_json(text)  # bounded nesting; bad UTF-8 is an error
+        except ValueError as e:
+            raise _invalid(source, f"not JSON: {e}") from None
+        version = data.get("version", MANIFEST_VERSION) if isinstance(data, dict) else None
+        if type(version) is int and version > MANIFEST_VERSION:
             raise CorruptCheckpointError(
-                f"{source} has manifest version {manifest.version}; this ksuit reads up to "
+                f"{source} has manifest version {version}; this ksuit reads up to "
                 f"{MANIFEST_VERSION}: upgrade ksuit"
             )
-        return manifest
+        try:
+            schema = _ManifestSchema.model_validate(data)
+        except ValidationError as e:
+            raise _invalid(source, _first_errors(e)) from None
+        files = {name: ManifestEntry(**entry.model_dump()) for name, entry in schema.files.items()}
+        return cls(files=files, **schema.model_dump(exclude={"files"}))
 
     def iterations(self) -> set[str]:
         """Distinct training iterations of the files (one element for a consistent set)."""
         return {json.dumps(e.training_iteration, sort_keys=True) for e in self.files.values()}
 
 
+def check_entry_name(name: str) -> str:
+    """A manifest's file name: a plain checkpoint file name of this folder, nothing else."""
+    if (
+        not name
+        or any(c in name for c in "/\\\0")
+        or ".." in name
+        or name.startswith(".")
+        or parse_checkpoint_filename(name) is None
+    ):
+        raise ValueError(f"{name[:200]!r} is not a checkpoint file name of this folder")
+    return name
+
+
+_STRICT = ConfigDict(strict=True, extra="ignore")
+_Count = Annotated[int, Field(ge=0)]
+_Iteration = dict[Literal["epoch", "update", "sample"], _Count]
+_Text = Annotated[str, Field(min_length=1, max_length=1000)]
+
+
+class _EntrySchema(BaseModel):
+    model_config = _STRICT
+    size: _Count
+    checksum: Annotated[str, Field(pattern=r"^[0-9a-f]{16}$")]
+    kind: Literal[KINDS] | None = None  # type: ignore[valid-type]
+    training_iteration: _Iteration | None = None
+
+
+class _ManifestSchema(BaseModel):
+    model_config = _STRICT
+    group: _Text
+    tag: _Text
+    files: dict[Annotated[str, AfterValidator(check_entry_name)], _EntrySchema]
+    training_iteration: _Iteration | None = None
+    run_id: str | None = None
+    version: Annotated[int, Field(ge=1, le=MANIFEST_VERSION)] = MANIFEST_VERSION
+    checksum_algorithm: Literal["xxh3_64"] = CHECKSUM_ALGORITHM
+
+
+def _first_errors(e: ValidationError, n: int = 3) -> str:
+    """`files.x.size: Input should be ...` for the first errors (never the input values)."""
+    errors = e.errors(include_url=False, include_input=False)
+    parts = [
+        f"{'.'.join(str(p) for p in err['loc'])[:200]}: {err['msg']}" if err["loc"] else "not a JSON object"
+        for err in errors[:n]
+    ]
+    more = f" (and {len(errors) - n} more)" if len(errors) > n else ""
+    return "; ".join(parts) + more
+
+
+def _invalid(source: str, problem: str) -> CorruptCheckpointError:
+    return CorruptCheckpointError(
+        f"{source} is not a valid ksuit manifest ({problem}); the set it describes cannot be "
+        "verified: resume skips it, delete it or restore it from a backup"
+    )
+
+
 def read_manifest(path: str | Path) -> Manifest:
+    """Reads and validates a manifest; it must be a regular file (links are not followed).
+
+    Raises `CorruptCheckpointError` or `UnsafeCheckpointError` naming the file, or
+    `FileNotFoundError`.
+    """
     path = Path(path)
-    return Manifest.from_json(path.read_text(), source=str(path))
+    try:
+        data = read_regular(path, MAX_MANIFEST_BYTES, "manifest", follow_symlinks=False)
+    except UnsafeCheckpointError as e:
+        raise CorruptCheckpointError(str(e)) from None
+    return Manifest.from_json(data, source=str(path))
 
 
 def list_manifests(folder: str | Path) -> list[Path]:
@@ -73,16 +160,35 @@ def list_manifests(folder: str | Path) -> list[Path]:
 
 
 def verify_file(folder: str | Path, name: str, entry: ManifestEntry, checksum: bool = True) -> str | None:
-    """None if the file matches its entry; otherwise what is wrong with it."""
+    """None if the file matches its entry; otherwise what is wrong with it.
+
+    Only a regular file directly in `folder` is looked at: a name that is not a plain file name,
+    a symbolic link (wherever it points), a FIFO or a device is a problem, never opened.
+    """
+    try:
+        check_entry_name(name)
+    except ValueError as e:
+        return str(e)
     path = Path(folder) / name
     try:
-        size = path.stat().st_size
+        st = os.lstat(path)
     except FileNotFoundError:
         return "missing"
-    if size != entry.size:
-        return f"size {size} != {entry.size} in manifest"
+    if not stat.S_ISREG(st.st_mode):
+        return not_regular_problem(st.st_mode)
+    if st.st_size != entry.size:
+        return f"size {st.st_size} != {entry.size} in manifest"
     if checksum:
-        _, digest = hash_file(path)
+        try:
+            fd = open_regular(path, follow_symlinks=False)
+        except (UnsafeCheckpointError, OSError) as e:
+            return str(e)
+        try:
+            size, digest = hash_fd(fd)
+        finally:
+            os.close(fd)
+        if size != entry.size:
+            return f"size {size} != {entry.size} in manifest"
         if digest != entry.checksum:
             return f"checksum {digest} != {entry.checksum} in manifest"
     return None
@@ -99,4 +205,8 @@ def manifest_problems(folder: str | Path, manifest: Manifest, checksum: bool = T
 
 
 def entry_from_dict(data: dict[str, Any]) -> ManifestEntry:
-    return ManifestEntry(**data)
+    """A validated entry from its JSON form."""
+    try:
+        return ManifestEntry(**_EntrySchema.model_validate(data).model_dump())
+    except ValidationError as e:
+        raise _invalid("manifest entry", _first_errors(e)) from None

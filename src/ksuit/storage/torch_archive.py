@@ -1,0 +1,400 @@
+"""Checks of a torch zip checkpoint before `torch.load` sees it (the read side of `torch_zip`).
+
+`torch.load(weights_only=True)` runs no foreign code, but it trusts sizes: a zip record that
+inflates to gigabytes, records that overlap (each read into its own copy), a storage that
+claims more bytes than its record holds, or an allowed call such as `bytearray(1_500_000_000)`
+all cost memory before anything fails. `check_torch_archive` therefore reads only the zip's
+directory and `data.pkl` (bounded) and refuses, naming the file:
+
+- anything that is not a zip archive: `CorruptCheckpointError` ("not a checkpoint"), with a
+  hint for the legacy pre-1.6 torch format;
+- compressed or encrypted records (torch.save and ksuit write every record STORED), records
+  that reach past the archive or overlap, a missing or oversized `data.pkl`;
+- a `data.pkl` that `ksuit.storage.safe_pickle` refuses under `TORCH_POLICY`: the allowlist of
+  what torch.save writes for dense tensors, storages, OrderedDict, torch.Size, dtypes, devices
+  and plain values (str, int, float, bool, None, bytes, bytearray, complex, set, lists,
+  tuples, dicts), with argument checks on each call, and bounds on opcodes and nesting;
+- storages larger than their record, and tensors that reach past their storage.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ksuit.storage.errors import CorruptCheckpointError, UnsafeCheckpointError
+from ksuit.storage.safe_pickle import (
+    GlobalRule,
+    Node,
+    PicklePolicy,
+    global_name,
+    is_int,
+    items_of,
+    object_name,
+    scan_pickle,
+)
+
+MAX_PICKLE_BYTES = 64 << 20
+HINT = (
+    "; ksuit loads only what torch.save writes for tensors and plain Python values "
+    "(weights_only=True). If you wrote this file yourself and trust it, load it with "
+    "torch.load(..., weights_only=False) and re-save the plain state"
+)
+_LEGACY_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
+_U32, _U16 = 0xFFFFFFFF, 0xFFFF
+_ENCODINGS = {"latin1", "latin-1", "utf-8", "utf8", "ascii"}
+
+
+def _dtype_names() -> dict[str, torch.dtype]:
+    return {str(v): v for v in vars(torch).values() if isinstance(v, torch.dtype)}
+
+
+DTYPES = _dtype_names()
+# the typed storage classes torch.save names (one per classic dtype), with their item sizes;
+# newer dtypes are saved as an UntypedStorage (bytes) plus a dtype
+_TYPED_STORAGES = {
+    "Double": 8, "Float": 4, "Half": 2, "BFloat16": 2, "Long": 8, "Int": 4, "Short": 2, "Char": 1,
+    "Byte": 1, "Bool": 1, "ComplexDouble": 16, "ComplexFloat": 8,
+}  # fmt: skip
+STORAGE_ITEMSIZE: dict[str, int] = {f"torch.{name}Storage": size for name, size in _TYPED_STORAGES.items()}
+STORAGE_ITEMSIZE.update({"torch.UntypedStorage": 1, "torch.storage.UntypedStorage": 1})
+
+
+# --- argument checks of the allowed calls (symbolic values, see safe_pickle) ------------------
+
+
+def _ints(value: Any, what: str) -> list[int] | str:
+    """The ints of a symbolic tuple (or list) of at most 64 non-negative ints, else a problem."""
+    items = items_of(value)
+    if items is None:
+        items = items_of(value, "list")
+    if items is None or len(items) > 64 or not all(type(i) is int and i >= 0 for i in items):
+        return f"a {what} that is not a tuple of at most 64 ints >= 0"
+    return items
+
+
+def _hooks(value: Any) -> bool:
+    return object_name(value) == "collections.OrderedDict" or items_of(value, "dict") is not None
+
+
+def _storage_numel(value: Any) -> tuple[int, int] | None:
+    """`(numel, itemsize)` of a storage persistent id, or None."""
+    if not (isinstance(value, Node) and value.kind == "persistent"):
+        return None
+    items = items_of(value.children[0]) or []
+    return items[4], STORAGE_ITEMSIZE[global_name(items[1])]
+
+
+def _check_tensor(args: tuple, dtype_index: int | None) -> str | None:
+    n = 6 if dtype_index is None else 7
+    if len(args) not in (n, n + 1):
+        return f"{len(args)} arguments"
+    storage = _storage_numel(args[0])
+    if storage is None:
+        return "a storage that is not a persistent storage id"
+    offset, size, stride = args[1], _ints(args[2], "size"), _ints(args[3], "stride")
+    for problem in (size, stride):
+        if isinstance(problem, str):
+            return problem
+    if not is_int(offset) or offset < 0 or len(size) != len(stride):
+        return "an offset, size and stride that do not fit together"
+    if not isinstance(args[4], bool) or not _hooks(args[5]):
+        return "a requires_grad or backward_hooks argument of the wrong type"
+    itemsize = storage[1]
+    if dtype_index is not None:
+        name = global_name(args[dtype_index])
+        if name not in DTYPES:
+            return "a dtype that is not a torch dtype"
+        itemsize = DTYPES[name].itemsize
+    if len(args) == n + 1 and args[n] is not None and items_of(args[n], "dict") is None:
+        return "metadata that is not a dict"
+    if 0 not in size:
+        end = offset + sum((s - 1) * st for s, st in zip(size, stride, strict=True)) + 1
+        numel, storage_itemsize = storage
+        if end * itemsize > numel * storage_itemsize or end >= 1 << 62:
+            return f"a tensor of size {tuple(size)} that reaches past its storage of {numel} elements"
+    return None
+
+
+def _check_parameter(args: tuple) -> str | None:
+    if len(args) != 3 or object_name(args[0]) not in _TENSOR_BUILDERS or not isinstance(args[1], bool):
+        return "arguments that are not (tensor, requires_grad, hooks)"
+    return None if _hooks(args[2]) else "backward_hooks of the wrong type"
+
+
+def _check_text_args(args: tuple) -> str | None:
+    ok = len(args) == 2 and all(isinstance(a, str) for a in args) and args[1].lower() in _ENCODINGS
+    return None if ok else "arguments that are not (str, encoding)"
+
+
+def _check_bytearray(args: tuple) -> str | None:
+    # bytearray(_codecs.encode(text, "latin1")) as pickle writes it; never an int: bytearray(n)
+    # allocates n bytes
+    if args == () or (
+        len(args) == 1 and (isinstance(args[0], bytes) or object_name(args[0]) == "_codecs.encode")
+    ):
+        return None
+    return _check_text_args(args)
+
+
+def _check_complex(args: tuple) -> str | None:
+    ok = len(args) <= 2 and all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args)
+    return None if ok else "arguments that are not numbers"
+
+
+def _check_sequence_arg(args: tuple) -> str | None:
+    ok = args == () or (len(args) == 1 and items_of(args[0], "list") is not None)
+    return None if ok else "arguments that are not a list"
+
+
+def _check_size(args: tuple) -> str | None:
+    if len(args) != 1:
+        return f"{len(args)} arguments"
+    dims = _ints(args[0], "size")
+    return dims if isinstance(dims, str) else None
+
+
+def _check_device(args: tuple) -> str | None:
+    ok = (
+        1 <= len(args) <= 2
+        and isinstance(args[0], str)
+        and len(args[0]) <= 32
+        and (len(args) == 1 or (is_int(args[1]) and 0 <= args[1] < 1 << 16))
+    )
+    return None if ok else "arguments that are not (device type, index)"
+
+
+_TENSOR_BUILDERS = ("torch._utils._rebuild_tensor_v2", "torch._utils._rebuild_tensor_v3")
+
+
+def _check_storage_id(pid: Any) -> str | None:
+    items = items_of(pid)
+    if (
+        items is None
+        or len(items) != 5
+        or items[0] != "storage"
+        or global_name(items[1]) not in STORAGE_ITEMSIZE
+        or not isinstance(items[2], str)
+        or not 0 < len(items[2]) <= 256
+        or not isinstance(items[3], str)
+        or len(items[3]) > 64
+        or not is_int(items[4])
+        or items[4] < 0
+    ):
+        return "that is not ('storage', <storage type>, key, location, numel)"
+    return None
+
+
+def _torch_globals() -> dict[str, GlobalRule]:
+    rules = {name: GlobalRule() for name in DTYPES}  # referred to, never called
+    rules.update({name: GlobalRule() for name in STORAGE_ITEMSIZE})
+    rules.update(
+        {
+            "torch._utils._rebuild_tensor_v2": GlobalRule(
+                call=True, leaf=True, check_args=lambda a: _check_tensor(a, None)
+            ),
+            "torch._utils._rebuild_tensor_v3": GlobalRule(
+                call=True, leaf=True, check_args=lambda a: _check_tensor(a, 6)
+            ),
+            "torch._utils._rebuild_parameter": GlobalRule(call=True, leaf=True, check_args=_check_parameter),
+            "collections.OrderedDict": GlobalRule(
+                call=True, build=True, mapping=True, check_args=_check_sequence_arg
+            ),
+            "builtins.set": GlobalRule(call=True, check_args=_check_sequence_arg),
+            "builtins.complex": GlobalRule(call=True, leaf=True, check_args=_check_complex),
+            "builtins.bytearray": GlobalRule(call=True, leaf=True, check_args=_check_bytearray),
+            "_codecs.encode": GlobalRule(call=True, leaf=True, check_args=_check_text_args),
+            "torch.Size": GlobalRule(call=True, check_args=_check_size),
+            "torch.device": GlobalRule(call=True, leaf=True, check_args=_check_device),
+        }
+    )
+    return rules
+
+
+TORCH_POLICY = PicklePolicy(
+    globals=_torch_globals(),
+    max_bytes=MAX_PICKLE_BYTES,
+    max_protocol=2,  # what torch.save writes and weights_only reads
+    max_ops=8_000_000,  # the scan keeps ~150 bytes per opcode: at most ~1.2 GB for any data.pkl
+    persistent_id=_check_storage_id,
+    hint=HINT,
+)
+
+
+# --- the zip directory -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ZipRecord:
+    name: str
+    header_offset: int
+    size: int
+
+
+def _corrupt(path: Path, problem: str) -> CorruptCheckpointError:
+    """A damaged archive: `problem` says what; the fix is another checkpoint."""
+    return CorruptCheckpointError(
+        f"cannot read {path}: the file is truncated or corrupt ({problem}); "
+        "run `ksuit verify` on the run folder and resume from another checkpoint"
+    )
+
+
+def _not_a_zip(path: Path, head: bytes) -> CorruptCheckpointError:
+    if head.startswith(_LEGACY_MAGIC):
+        return CorruptCheckpointError(
+            f"cannot read {path}: it is in torch's legacy (pre-1.6) format, which ksuit does not read; "
+            "load it with torch.load(..., weights_only=True) and save it again with a current torch.save"
+        )
+    if head.startswith(b"PK\x03\x04"):
+        return _corrupt(path, "a zip archive without its end")
+    what = "it is empty" if not head else "it is not a zip archive"
+    return CorruptCheckpointError(
+        f"cannot read {path}: not a checkpoint ({what}; torch checkpoints are zip archives): "
+        "pass a .th file written by ksuit or torch.save"
+    )
+
+
+def _pread(fd: int, size: int, offset: int) -> bytes:
+    return os.pread(fd, size, offset) if size > 0 else b""
+
+
+def _end_record(fd: int, file_size: int, path: Path) -> tuple[int, int, int]:
+    """`(entries, central directory size, central directory offset)`; zip64 aware."""
+    tail_size = min(file_size, 22 + 0xFFFF)
+    tail = _pread(fd, tail_size, file_size - tail_size)
+    pos = tail.rfind(b"PK\x05\x06")
+    # the end record is the one whose comment runs exactly to the end of the file
+    while pos >= 0 and (
+        pos + 22 > len(tail) or pos + 22 + struct.unpack_from("<H", tail, pos + 20)[0] != len(tail)
+    ):
+        pos = tail.rfind(b"PK\x05\x06", 0, pos)
+    if pos < 0:
+        raise _not_a_zip(path, _pread(fd, 16, 0))
+    _, disk, cd_disk, n_disk, n, cd_size, cd_offset, _ = struct.unpack_from("<4s4H2LH", tail, pos)
+    end = file_size - tail_size + pos
+    if end >= 20:
+        locator = _pread(fd, 20, end - 20)
+        if locator[:4] == b"PK\x06\x07":
+            _, _, eocd64_offset, _ = struct.unpack("<4sLQL", locator)
+            record = _pread(fd, 56, eocd64_offset) if eocd64_offset + 56 <= end - 20 else b""
+            if len(record) != 56 or record[:4] != b"PK\x06\x06":
+                raise _corrupt(path, "its zip64 end record is missing or damaged")
+            _, _, _, _, disk, cd_disk, n_disk, n, cd_size, cd_offset = struct.unpack("<4sQ2H2L4Q", record)
+            end = eocd64_offset
+    if disk != 0 or cd_disk != 0 or n_disk != n:
+        raise _corrupt(path, "it is a multi-part zip archive")
+    if cd_offset + cd_size > end or n * 46 > cd_size:
+        raise _corrupt(path, "its zip directory reaches past the file (truncated or damaged)")
+    return n, cd_size, cd_offset
+
+
+def _zip64_values(extra: bytes, wanted: list[str]) -> dict[str, int]:
+    pos = 0
+    while pos + 4 <= len(extra):
+        tag, size = struct.unpack_from("<HH", extra, pos)
+        if tag == 1:
+            fields = extra[pos + 4 : pos + 4 + size]
+            if len(fields) < 8 * len(wanted):
+                break
+            return dict(zip(wanted, struct.unpack_from(f"<{len(wanted)}Q", fields), strict=True))
+        pos += 4 + size
+    raise ValueError("zip64 sizes missing")
+
+
+def read_zip_directory(fd: int, path: Path) -> tuple[dict[str, ZipRecord], int]:
+    """`({name: record}, central directory offset)` of a STORED zip archive, checked."""
+    file_size = os.fstat(fd).st_size
+    if file_size < 22:
+        raise _not_a_zip(path, _pread(fd, 16, 0))
+    n, cd_size, cd_offset = _end_record(fd, file_size, path)
+    cd = _pread(fd, cd_size, cd_offset)
+    records: dict[str, ZipRecord] = {}
+    pos = 0
+    for _ in range(n):
+        if len(cd) < pos + 46 or cd[pos : pos + 4] != b"PK\x01\x02":
+            raise _corrupt(path, "its zip directory is damaged")
+        (_, _, _, flags, method, _, _, _, csize, size, nlen, elen, clen, _, _, _, offset) = (
+            struct.unpack_from("<4s6H3L5H2L", cd, pos)
+        )
+        raw_name = cd[pos + 46 : pos + 46 + nlen]
+        extra = cd[pos + 46 + nlen : pos + 46 + nlen + elen]
+        pos += 46 + nlen + elen + clen
+        try:
+            name = raw_name.decode("utf-8")
+            wanted = [k for k, v in (("size", size), ("csize", csize), ("offset", offset)) if v == _U32]
+            if wanted:
+                big = _zip64_values(extra, wanted)
+                size, csize, offset = (
+                    big.get("size", size),
+                    big.get("csize", csize),
+                    big.get("offset", offset),
+                )
+        except ValueError as e:
+            raise _corrupt(path, f"a zip directory entry is damaged ({e})") from None
+        if method != 0 or flags & 1:
+            raise UnsafeCheckpointError(
+                f"refusing to load {path}: its record {name!r} is "
+                f"{'encrypted' if flags & 1 else 'compressed'}; torch.save and ksuit write every record "
+                "uncompressed, and inflating records of unknown size can exhaust memory. Re-save the file "
+                "with torch.save"
+            )
+        if csize != size or offset + 30 + nlen + size > cd_offset:
+            raise _corrupt(path, f"its record {name!r} claims {size} bytes, more than the archive holds")
+        if name in records:
+            raise _corrupt(path, f"its record {name!r} appears twice")
+        records[name] = ZipRecord(name, offset, size)
+    if pos > cd_size:
+        raise _corrupt(path, "its zip directory is damaged")
+    previous_end = 0
+    for record in sorted(records.values(), key=lambda r: r.header_offset):
+        if record.header_offset < previous_end:
+            raise _corrupt(path, f"its record {record.name!r} overlaps another record")
+        previous_end = record.header_offset + 30 + len(record.name.encode()) + record.size
+    return records, cd_offset
+
+
+def _record_bytes(fd: int, record: ZipRecord, limit: int, path: Path) -> bytes:
+    header = _pread(fd, 30, record.header_offset)
+    if len(header) != 30 or header[:4] != b"PK\x03\x04":
+        raise _corrupt(path, f"the local header of {record.name!r} is damaged")
+    method, nlen, elen = struct.unpack_from("<H", header, 8)[0], *struct.unpack_from("<HH", header, 26)
+    if method != 0:
+        raise _corrupt(path, f"the local header of {record.name!r} disagrees with the zip directory")
+    start = record.header_offset + 30 + nlen + elen
+    if start + record.size > limit:
+        raise _corrupt(path, f"record {record.name!r} reaches past the archive")
+    data = _pread(fd, record.size, start)
+    if len(data) != record.size:
+        raise _corrupt(path, f"record {record.name!r} is truncated")
+    return data
+
+
+def check_torch_archive(fd: int, path: str | Path) -> None:
+    """Refuses (see the module docstring) what `torch.load(weights_only=True)` should not see."""
+    path = Path(path)
+    records, cd_offset = read_zip_directory(fd, path)
+    if not records:
+        raise _corrupt(path, "its zip archive is empty")
+    prefix = next(iter(records)).split("/", 1)[0]
+    if any(not name.startswith(prefix + "/") for name in records):
+        raise _corrupt(path, "its records are not in one archive folder, as torch.save writes them")
+    data_pkl = records.get(f"{prefix}/data.pkl")
+    if data_pkl is None:
+        raise _corrupt(path, "it has no data.pkl record")
+    if data_pkl.size > MAX_PICKLE_BYTES:
+        raise UnsafeCheckpointError(
+            f"refusing to load {path}: its data.pkl is {data_pkl.size} bytes, more than the "
+            f"{MAX_PICKLE_BYTES} bytes allowed{HINT}"
+        )
+    result = scan_pickle(_record_bytes(fd, data_pkl, cd_offset, path), TORCH_POLICY, str(path))
+    for _, storage_type, key, _, numel in result.persistent_ids:
+        record = records.get(f"{prefix}/data/{key}")
+        nbytes = numel * STORAGE_ITEMSIZE[storage_type]
+        if record is None or record.size < nbytes:
+            have = "no record" if record is None else f"a record of {record.size} bytes"
+            raise _corrupt(path, f"storage {key!r} needs {nbytes} bytes but has {have}")
