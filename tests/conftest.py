@@ -89,3 +89,9 @@ def save_resumable_set(path_provider: PathProvider, update_counter: UpdateCounte
         save_latest_weights=True,
         save_latest_optim=True,
     )
+
+
+def written_files(path_provider: PathProvider) -> list[str]:
+    """Names in the run's checkpoint folder ([] when nothing created it: PathProvider does no I/O)."""
+    folder = path_provider.checkpoint_path
+    return sorted(p.name for p in folder.iterdir()) if folder.exists() else []

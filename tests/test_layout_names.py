@@ -23,6 +23,7 @@ from ksuit.layout import (
 from ksuit.providers import PathProvider
 from ksuit.writers import CheckpointWriter
 from ksuit.zoo.autoencoder import EncoderConfig
+from tests.conftest import written_files
 
 CONTROL = ["\n", "\r", "\t", "\x1b[31m", "\x07", "\x7f", "\x9b", "\u202e", "\u2028", "\0", "\udcff"]
 
@@ -85,7 +86,7 @@ def test_save_model_checkpoint_refuses_an_output_name_with_a_trailing_newline(pa
     writer = CheckpointWriter(path_provider, update_counter)
     with pytest.raises(ValueError, match="control"):
         writer.save_model_checkpoint("enc_cp=latest_model.th\n", {"w": torch.zeros(1)}, "latest")
-    assert [p.name for p in path_provider.checkpoint_path.iterdir()] == []
+    assert written_files(path_provider) == []
 
 
 # ---- every accepted combination round-trips (a seeded random search; hypothesis is not installed)

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from ksuit.cli import app
 from ksuit.readers import load_model, select_resume_set
 from ksuit.storage import UnsafeCheckpointError, load_file, read_metadata
-from ksuit.storage.atomic import hash_file
+from ksuit.storage.local.safe_files import hash_regular_file as hash_file
 from ksuit.storage.manifest import read_manifest
 from tests.conftest import save_resumable_set
 

@@ -13,7 +13,7 @@ from tests.test_hostile_files import SAFETENSORS_CASES, TORCH_CASES
 from typer.testing import CliRunner
 
 from ksuit.cli import app
-from ksuit.storage.atomic import hash_file
+from ksuit.storage.local.safe_files import hash_regular_file as hash_file
 
 runner = CliRunner()
 

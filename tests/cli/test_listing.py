@@ -106,7 +106,7 @@ def test_verify_reports_an_altered_byte_and_a_missing_file(run):
 
 def test_verify_reports_a_truncated_file_even_with_a_matching_manifest(run):
     """A file cut short and its manifest rewritten to match: only loading it shows the damage."""
-    from ksuit.storage.atomic import hash_file
+    from ksuit.storage.local.safe_files import hash_regular_file as hash_file
     from ksuit.storage.manifest import read_manifest
 
     run_dir, folder = run

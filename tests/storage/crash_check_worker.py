@@ -123,7 +123,7 @@ def trust_journals_blindly() -> None:
     checksums (what recovery did before journals recorded them)."""
     import stat
 
-    import ksuit.storage.recovery as recovery
+    import ksuit.storage.local.recovery as recovery
 
     def entry_state(folder: Path, entry) -> str:
         temp = folder / entry.temp

@@ -72,10 +72,11 @@ def slow_metadata_disk(delay: float = 0.003) -> None:
     fast local disk the switch is a small fraction of a save). Behaviour is otherwise unchanged."""
     import time
 
-    import ksuit.storage.atomic as atomic
-    import ksuit.storage.transaction as transaction
+    import ksuit.storage.local.files as files
+    import ksuit.storage.local.recovery as recovery
+    import ksuit.storage.local.staging as staging
 
-    real_replace, real_fsync_dir = os.replace, atomic.fsync_dir
+    real_replace, real_fsync_dir = os.replace, files.fsync_dir
 
     def replace(src, dst):
         real_replace(src, dst)
@@ -86,7 +87,7 @@ def slow_metadata_disk(delay: float = 0.003) -> None:
         real_fsync_dir(path)
 
     os.replace = replace
-    atomic.fsync_dir = transaction.fsync_dir = fsync_dir
+    files.fsync_dir = staging.fsync_dir = recovery.fsync_dir = fsync_dir
 
 
 def work(run_root: str, mode: str, seed: int) -> None:

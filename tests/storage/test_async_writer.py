@@ -5,11 +5,11 @@ import threading
 import pytest
 import torch
 
+from ksuit.storage import PendingFile
 from ksuit.storage import formats as formats_module
 from ksuit.storage.async_writer import AsyncSetWriter
 from ksuit.storage.formats import TorchFormat
 from ksuit.storage.manifest import read_manifest
-from ksuit.storage.transaction import PendingFile
 
 
 class _Recording(TorchFormat):
@@ -42,7 +42,7 @@ def test_writes_run_in_submission_order_and_last_latest_wins(tmp_path, monkeypat
     writer = AsyncSetWriter(tmp_path, max_pending=3)
     written = []
     for n in range(8):
-        writer.submit([_file(n)], run_id="r", on_written=lambda w, n=n: written.append(n))
+        writer.write_set([_file(n)], run_id="r", on_written=lambda w, n=n: written.append(n))
     writer.close()
     assert fmt.order == list(range(8)) and written == list(range(8))
     payload = torch.load(tmp_path / "net_cp=latest_model.th", weights_only=True)
@@ -57,12 +57,12 @@ def test_error_is_raised_once_then_writer_goes_on(tmp_path, monkeypatch):
 
     monkeypatch.setitem(formats_module.FORMATS, "torch", Failing())
     writer = AsyncSetWriter(tmp_path)
-    writer.submit([_file(1)])
+    writer.write_set([_file(1)])
     with pytest.raises(ValueError, match="boom"):
         writer.flush()
     writer.flush()  # reported once
     monkeypatch.setitem(formats_module.FORMATS, "torch", TorchFormat())
-    writer.submit([_file(2)])
+    writer.write_set([_file(2)])
     writer.close()
     assert torch.load(tmp_path / "net_cp=latest_model.th", weights_only=True)["n"] == 2
 
@@ -72,4 +72,4 @@ def test_closed_writer_refuses_and_close_is_idempotent(tmp_path):
     writer.close()
     writer.close()
     with pytest.raises(RuntimeError, match="closed"):
-        writer.submit([_file(1)])
+        writer.write_set([_file(1)])

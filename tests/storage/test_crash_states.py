@@ -32,8 +32,10 @@ import pytest
 import xxhash
 
 import ksuit
-import ksuit.storage.transaction as transaction
+import ksuit.storage.local.staging as staging
+import ksuit.storage.sets as transaction
 from ksuit.providers import PathProvider
+from ksuit.storage import LocalBackend
 from ksuit.utils.training import TrainingIteration, UpdateCounter
 from ksuit.writers.checkpoint_writer import CheckpointWriter
 from ksuit.zoo.autoencoder import Autoencoder
@@ -50,6 +52,7 @@ class Run:
     def __init__(self, root: Path, async_save: bool = False):
         self.provider = PathProvider(root, "run")
         self.folder = self.provider.checkpoint_path
+        LocalBackend(self.folder).ensure_folder()  # recorded saves start in an existing folder
         self.counter = UpdateCounter(
             None, TrainingIteration(epoch=30), updates_per_epoch=20, effective_batch_size=4
         )
@@ -77,8 +80,8 @@ def record(run: Run, initial_label: dict | None, saves: int, monkeypatch: pytest
     real_write_set = transaction.SetWriter.write_set
     recorder = Recorder(run.folder, initial_label)
 
-    def write_set(self, files, run_id=None):
-        written = real_write_set(self, files, run_id)
+    def write_set(self, files, run_id=None, on_written=None):
+        written = real_write_set(self, files, run_id, on_written)
         recorder.mark(update=files[0].training_iteration["update"])
         return written
 
@@ -222,13 +225,13 @@ def test_power_cut_states_all(tmp_path, monkeypatch):
 
 def skip_the_staging_fsync(monkeypatch: pytest.MonkeyPatch) -> None:
     """A mutation: the folder is not fsynced between staging and the journal (the old protocol)."""
-    real = transaction.fsync_dir
+    real = staging.fsync_dir
 
     def fsync_dir(path):
-        if sys._getframe(1).f_code.co_name != "_write_set_locked":
+        if sys._getframe(1).f_code.co_name != "commit":
             real(path)
 
-    monkeypatch.setattr(transaction, "fsync_dir", fsync_dir)
+    monkeypatch.setattr(staging, "fsync_dir", fsync_dir)
 
 
 @pytest.mark.slow

@@ -8,9 +8,10 @@ from concurrent.futures import thread as futures_thread
 import pytest
 import torch
 
-from ksuit.storage import direct_io
-from ksuit.storage.atomic import HashingSink, hash_file
 from ksuit.storage.formats import get_format
+from ksuit.storage.local import direct_io
+from ksuit.storage.local.files import HashingSink
+from ksuit.storage.local.safe_files import hash_regular_file as hash_file
 
 PAYLOAD = {"state_dict": {f"t{i}": torch.full((3000 + 37 * i,), float(i)) for i in range(8)}, "tag": "E1"}
 
@@ -28,7 +29,8 @@ def _write_direct(path, monkeypatch) -> HashingSink:
 
     monkeypatch.setattr(direct_io.DirectStream, "__init__", init)
     sink = HashingSink(path)
-    get_format("torch").write(PAYLOAD, sink)
+    with direct_io.open_stream(sink, direct_io.MIN_DIRECT_BYTES) as out:
+        get_format("torch").write(PAYLOAD, out)
     sink.fsync_and_close()
     if not used:
         pytest.skip("this file system takes no O_DIRECT writes")

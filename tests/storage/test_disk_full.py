@@ -17,12 +17,12 @@ import uuid
 import pytest
 import torch
 
-import ksuit.storage.transaction as transaction
+import ksuit.storage.local as transaction
 from ksuit.layout import is_journal_filename, is_temp_filename
 from ksuit.providers import PathProvider
 from ksuit.readers import scan_sets, select_resume_set
 from ksuit.storage import load_file
-from ksuit.storage.atomic import write_file_atomic
+from ksuit.storage.local.files import write_file_atomic
 from ksuit.utils.training import TrainingIteration, UpdateCounter
 from ksuit.writers.checkpoint_writer import CheckpointWriter
 from tests.conftest import FakeTrainer, autoencoder_config, train_one_step

@@ -11,7 +11,8 @@ from typer.testing import CliRunner
 from ksuit.cli import app
 from ksuit.layout import temp_filename
 from ksuit.readers import select_resume_set
-from ksuit.storage.transaction import folder_lock, recover_folder
+from ksuit.storage.local.locking import folder_lock
+from ksuit.storage.local.recovery import recover_folder
 from tests.conftest import save_resumable_set
 
 HOLD_S = 1.0

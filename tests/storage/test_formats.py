@@ -15,9 +15,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file as st_load_file
 
 from ksuit.storage import torch_zip
-from ksuit.storage.atomic import HashingSink, hash_file
 from ksuit.storage.formats import FORMATS, SafetensorsFormat, TorchFormat, get_format
 from ksuit.storage.loading import load_file, read_metadata
+from ksuit.storage.local.files import HashingSink
+from ksuit.storage.local.safe_files import hash_regular_file as hash_file
 
 
 def _payload():
@@ -292,7 +293,7 @@ def test_listing_1000_checkpoints_reads_no_tensor_data_and_is_fast(tmp_path):
 @pytest.mark.parametrize("fmt_name", ["torch", "safetensors"])
 @pytest.mark.parametrize("head", [0, 100])
 def test_direct_io_stream_writes_the_same_bytes_and_checksum(tmp_path, monkeypatch, fmt_name, head):
-    from ksuit.storage import direct_io
+    from ksuit.storage.local import direct_io
 
     payload = {
         "state_dict": {f"t{i}": torch.randn(1000 + 37 * i) for i in range(30)},
@@ -306,7 +307,8 @@ def test_direct_io_stream_writes_the_same_bytes_and_checksum(tmp_path, monkeypat
         monkeypatch.setattr(direct_io, "BOUNCE_BYTES", 3 * direct_io.BLOCK)  # many buffer switches
         sink = HashingSink(path)
         sink.write(b"x" * head)  # a stream that does not start on a block boundary
-        fmt.write(payload, sink)
+        with direct_io.open_stream(sink, fmt.estimate_nbytes(payload)) as out:
+            fmt.write(payload, out)
         sink.fsync_and_close()
         return sink
 

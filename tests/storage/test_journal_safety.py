@@ -25,14 +25,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-import ksuit.storage.transaction as transaction
+import ksuit.storage.backend as transaction
 from ksuit.cli import app
 from ksuit.layout import is_journal_filename, is_temp_filename, journal_filename, temp_filename
 from ksuit.providers import PathProvider
 from ksuit.readers import scan_sets, select_resume_set
-from ksuit.storage import SetWriter, load_file, recover_folder
+from ksuit.storage import LocalBackend, PendingFile, SetWriter, load_file, recover_folder
 from ksuit.storage.errors import CorruptCheckpointError, UnsafeCheckpointError
-from ksuit.storage.transaction import PendingFile
 from ksuit.utils.training import TrainingIteration, UpdateCounter
 from ksuit.writers.checkpoint_writer import CheckpointWriter
 from ksuit.zoo.autoencoder import Autoencoder
@@ -72,7 +71,7 @@ class Run:
 
 def forget_recovery(monkeypatch) -> None:
     """As if the next save ran in a new process: recovery has not run there yet."""
-    for module in ("ksuit.storage.recovery", "ksuit.storage.transaction"):
+    for module in ("ksuit.storage.local.recovery",):
         try:
             registry = getattr(__import__(module, fromlist=["_RECOVERED"]), "_RECOVERED", None)
         except ImportError:
@@ -298,7 +297,7 @@ def test_a_journal_with_some_renames_done_is_completed(tmp_path, monkeypatch):
 def test_staged_names_are_made_durable_before_the_journal(tmp_path):
     writer = SetWriter(tmp_path)
     files = [
-        PendingFile(f"m_cp=latest_{k}.th", {"x": torch.ones(2)}, kind=k, group="m", tag="latest")
+        PendingFile(f"m_cp=latest_{k}.th", {"x": torch.ones(2)}, role=k, group="m", tag="latest")
         for k in ("model", "optim")
     ]
     writer.write_set(files)  # recovery done, folder exists
@@ -313,7 +312,7 @@ def test_staged_names_are_made_durable_before_the_journal(tmp_path):
 
 
 def test_run_folders_are_created_durably(tmp_path, monkeypatch):
-    """Every folder PathProvider creates has its parent fsynced after it appeared."""
+    """Every folder the local backend creates for a run has its parent fsynced after it appeared."""
     real_open, real_fsync, real_close, real_mkdir = os.open, os.fsync, os.close, os.mkdir
     dir_fds: dict[int, str] = {}
     events: list[tuple[str, str]] = []
@@ -340,6 +339,7 @@ def test_run_folders_are_created_durably(tmp_path, monkeypatch):
     for name, fn in (("mkdir", mkdir), ("open", open_), ("fsync", fsync), ("close", close)):
         monkeypatch.setattr(os, name, fn)
     folder = PathProvider(tmp_path / "a" / "b", "run", stage_name="stage").checkpoint_path
+    LocalBackend(folder).ensure_folder()
     monkeypatch.undo()
     created = [p for kind, p in events if kind == "mkdir"]
     assert created == [

@@ -10,8 +10,7 @@ import torch
 
 from ksuit.layout import is_journal_filename, is_temp_filename, journal_filename, temp_filename
 from ksuit.readers import select_resume_set
-from ksuit.storage import SetWriter, load_file, recover_folder
-from ksuit.storage.transaction import PendingFile
+from ksuit.storage import PendingFile, SetWriter, load_file, recover_folder
 from ksuit.writers.checkpoint_writer import CheckpointWriter
 from ksuit.zoo.autoencoder import Autoencoder
 from tests.conftest import FakeTrainer, autoencoder_config, train_one_step
@@ -19,6 +18,7 @@ from tests.conftest import FakeTrainer, autoencoder_config, train_one_step
 
 def test_first_save_in_a_process_cleans_up_a_crashed_writer(path_provider, update_counter):
     folder = path_provider.checkpoint_path
+    folder.mkdir(parents=True)
     # a crashed save: a committed journal whose rename was not applied, and uncommitted temps
     committed = folder / "other_cp=latest_model.th"
     committed_tmp = folder / temp_filename(committed.name, "00000001")
@@ -45,7 +45,7 @@ def test_recovery_is_idempotent_after_a_crash_during_recovery(tmp_path):
     """Some renames of a journal already applied (recovery itself was killed): the rest are."""
     writer = SetWriter(tmp_path)
     files = [
-        PendingFile(f"m_cp=latest_{k}.th", {"x": torch.full((2,), float(i))}, kind=k, group="m", tag="latest")
+        PendingFile(f"m_cp=latest_{k}.th", {"x": torch.full((2,), float(i))}, role=k, group="m", tag="latest")
         for i, k in enumerate(("model", "optim"))
     ]
     writer.write_set(files)

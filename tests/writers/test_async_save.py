@@ -94,7 +94,7 @@ def test_snapshot_buffers_are_reused_across_saves(path_provider, update_counter,
     for i in range(3):
         writer.save(model, f"E{i}_U0_S0", save_latest_weights=True)
         writer.flush()
-        (buffer,) = writer._async_writer.pool.buffers
+        (buffer,) = writer.snapshot_pool.buffers
         ptrs.append([b.data_ptr() for b in buffer.buffers])
     assert ptrs[0] and ptrs[0] == ptrs[1] == ptrs[2]
     writer.close()
@@ -155,13 +155,13 @@ def test_backpressure_at_most_max_pending_snapshots(path_provider, update_counte
     # the first save is being written (blocked on the gate), the second waits in the queue;
     # both buffers are in flight, so the third save() waits while the gate is closed
     assert done == [0, 1]
-    assert writer._async_writer.pool.free_count == 0
+    assert writer.snapshot_pool.free_count == 0
     assert not acquires[2][1].wait(0.2)
     gated.gate.set()
     t.join(30)
     assert done == [0, 1, 2, 3]
     writer.flush()
-    pool = writer._async_writer.pool
+    pool = writer.snapshot_pool
     assert pool.free_count == len(pool.buffers) == 2  # never more than max_pending buffers
     writer.close()
 
@@ -350,7 +350,7 @@ def test_async_trainer_state_with_mixed_dtype_rng_is_saved(path_provider, update
 _BIG_EXIT_SCRIPT = """
 import sys, torch
 from ksuit.providers import PathProvider
-from ksuit.storage import direct_io
+from ksuit.storage.local import direct_io
 from ksuit.utils.training import TrainingIteration, UpdateCounter
 from ksuit.writers import CheckpointWriter
 

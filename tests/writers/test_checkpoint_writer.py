@@ -11,11 +11,11 @@ from ksuit.writers import CheckpointKeys, CheckpointWriter
 from ksuit.writers.checkpoint_writer import CheckpointKeys as KeysFromModule
 from ksuit.writers.checkpoint_writer import CheckpointWriter as WriterFromModule
 from ksuit.zoo.autoencoder import Autoencoder, EncoderConfig
-from tests.conftest import FakeTrainer, autoencoder_config, train_one_step
+from tests.conftest import FakeTrainer, autoencoder_config, train_one_step, written_files
 
 
 def _files(folder: Path) -> set[str]:
-    return {p.name for p in folder.iterdir() if p.name.endswith(".th")}
+    return {p.name for p in folder.iterdir() if p.name.endswith(".th")} if folder.exists() else set()
 
 
 def _advance(uc, epochs=1):
@@ -198,7 +198,7 @@ def test_unknown_model_name_lists_valid_and_writes_nothing(path_provider, update
     w = CheckpointWriter(path_provider, update_counter)
     with pytest.raises(ValueError, match=r"unknown submodel 'encodr'.*known: .*decoder.*encoder"):
         w.save(model, "t", model_names_to_save=["encodr"])
-    assert list(path_provider.checkpoint_path.iterdir()) == []
+    assert written_files(path_provider) == []
 
 
 @pytest.mark.parametrize("tag", ["", "a/b", "../x", "x\0", ".hidden"])
@@ -208,7 +208,7 @@ def test_bad_tags_rejected_before_writing(path_provider, update_counter, model, 
         w.save(model, tag)
     with pytest.raises(ValueError, match="tag"):
         w.save_model_checkpoint("x_cp=a_model.th", model.encoder.state_dict(), tag)
-    assert list(path_provider.checkpoint_path.iterdir()) == []
+    assert written_files(path_provider) == []
 
 
 @pytest.mark.parametrize("name", ["", "../evil.th", "sub/evil.th", "/abs.th", "a\0.th"])
@@ -216,7 +216,7 @@ def test_bad_output_names_rejected(path_provider, update_counter, model, name):
     w = CheckpointWriter(path_provider, update_counter)
     with pytest.raises(ValueError, match="output_name"):
         w.save_model_checkpoint(name, model.encoder.state_dict(), "latest")
-    assert list(path_provider.checkpoint_path.iterdir()) == []
+    assert written_files(path_provider) == []
     assert not (path_provider.checkpoint_path.parent / "evil.th").exists()
 
 
@@ -263,7 +263,7 @@ def test_bad_state_dicts_rejected(path_provider, update_counter, state_dict, mat
     w = CheckpointWriter(path_provider, update_counter)
     with pytest.raises(TypeError, match=match):
         w.save_model_checkpoint("x.th", state_dict, "latest")
-    assert list(path_provider.checkpoint_path.iterdir()) == []
+    assert written_files(path_provider) == []
 
 
 def test_trainer_state_with_objects_rejected(path_provider, update_counter, model):
@@ -273,7 +273,7 @@ def test_trainer_state_with_objects_rejected(path_provider, update_counter, mode
 
     with pytest.raises(TypeError, match=r"trainer.state_dict\(\)\['callback_state_dicts'\]\['cb'\]"):
         CheckpointWriter(path_provider, update_counter).save(model, "t", trainer=BadTrainer())
-    assert list(path_provider.checkpoint_path.iterdir()) == []
+    assert written_files(path_provider) == []
 
 
 def test_ddp_model_rejected(path_provider, update_counter, model, monkeypatch):
@@ -296,7 +296,7 @@ def test_only_rank_zero_writes_but_trainer_state_collected(path_provider, update
     w.save(model, "t", trainer=trainer)
     w.save_model_checkpoint("x.th", {"w": torch.ones(1)}, "t")
     assert trainer.calls == 1
-    assert list(path_provider.checkpoint_path.iterdir()) == []
+    assert written_files(path_provider) == []
 
 
 def test_one_log_line_per_file(path_provider, update_counter, model, caplog):
@@ -327,14 +327,14 @@ def test_constructor_validates(path_provider, update_counter):
 
 
 def test_batch_commits_several_saves_as_one_switch(path_provider, update_counter, model, monkeypatch):
-    from ksuit.storage import transaction
+    from ksuit.storage import sets as transaction
 
     switches = []
     original = transaction.SetWriter.write_set
 
-    def counting(self, files, run_id=None):
+    def counting(self, files, run_id=None, on_written=None):
         switches.append(sorted(f.filename for f in files))
-        return original(self, files, run_id)
+        return original(self, files, run_id, on_written)
 
     monkeypatch.setattr(transaction.SetWriter, "write_set", counting)
     w = CheckpointWriter(path_provider, update_counter)
@@ -359,6 +359,6 @@ def test_batch_writes_nothing_when_the_block_fails(path_provider, update_counter
         with w.batch():
             w.save(model, "latest")
             raise KeyError("boom")
-    assert list(path_provider.checkpoint_path.iterdir()) == []
+    assert written_files(path_provider) == []
     w.save(model, "after")  # the writer is usable afterwards
     assert len(_files(path_provider.checkpoint_path)) == 4

@@ -184,7 +184,7 @@ class EmaCallback(PeriodicCallback):
                     )
                 for k, t in target.items():
                     t.copy_(state[k])
-                logger.info("resumed the EMA of %s (factor %s) from %s", name, f, info.path.name)
+                logger.info("resumed the EMA of %s (factor %s) from %s", name, f, info.name)
 
     @staticmethod
     def _choose(point: ResumePoint, sets: list[CheckpointSet]) -> tuple[CheckpointSet | None, bool]:

@@ -1,13 +1,16 @@
 """`ksuit` command line: thin wrappers over the library, no logic of their own.
 
-Each command group lives in its own module and registers itself on `app`.
+Every command is a plain function in its module (`train`, `listing`, `export`), registered on
+`app` here, explicitly.
 """
 
 from __future__ import annotations
 
-import importlib
-
 import typer
+
+from ksuit.cli.export import export_command
+from ksuit.cli.listing import inspect_command, ls_command, verify_command
+from ksuit.cli.train import train_command
 
 app = typer.Typer(
     name="ksuit",
@@ -16,16 +19,11 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-
-# modules that add commands to `app` when imported
-COMMAND_MODULES = ("ksuit.cli.train", "ksuit.cli.listing", "ksuit.cli.export")
-
-for _module in COMMAND_MODULES:
-    try:
-        importlib.import_module(_module)
-    except ModuleNotFoundError as e:  # a command module not written yet
-        if e.name != _module:
-            raise
+app.command("train")(train_command)
+app.command("ls")(ls_command)
+app.command("inspect")(inspect_command)
+app.command("verify")(verify_command)
+app.command("export")(export_command)
 
 
 def main() -> None:

@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
 
-from ksuit.cli import app
+from ksuit.cli.output import EXIT_BAD_CHECKPOINT, EXIT_USAGE, fail
 
 _SPEC = re.compile(r"^(epoch|update|sample)=\d+$")
 
@@ -75,8 +75,7 @@ def resume_command(config: Path, overrides: list[str], output: Path, run_id: str
     return "ksuit " + shlex.join(args)
 
 
-@app.command("train")
-def train(
+def train_command(
     config: Annotated[Path, typer.Argument(help="YAML run config (see examples/autoencoder.yaml).")],
     overrides: Annotated[
         list[str] | None,
@@ -117,8 +116,7 @@ def train(
         run_config = load_run_config(config, overrides)
         prepared = prepare_run(run_config, output, run_id, resume=resume, resume_from=tag, progress=progress)
     except (ConfigError, FileNotFoundError, FileExistsError) as e:
-        console.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
+        raise fail(str(e), EXIT_USAGE) from None
     run_id = prepared.path_provider.run_id
     try:
         run(prepared)
@@ -134,9 +132,8 @@ def train(
         _shutdown()
         raise typer.Exit(e.exit_code) from None
     except FileNotFoundError as e:  # e.g. no usable checkpoint set to resume from
-        console.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
         _shutdown()
-        raise typer.Exit(1) from None
+        raise fail(str(e), EXIT_BAD_CHECKPOINT) from None
     _shutdown()
     if distributed.is_rank0():
         log.info("done: %s (list its checkpoints with `ksuit ls %s`)", prepared.run_dir, prepared.run_dir)

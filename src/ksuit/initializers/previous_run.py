@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING, Any
 
 from ksuit.initializers.base import Initializer, describe_spec, parse_checkpoint_spec
 from ksuit.layout import LATEST, validate_info
-from ksuit.readers import CheckpointInfo, find_checkpoint_dir, list_checkpoints, load_model_payload
-from ksuit.readers.listing import manifest_index
+from ksuit.readers import CheckpointInfo, list_checkpoints, load_model_payload
+from ksuit.readers.listing import checkpoint_folder, read_folder
 from ksuit.utils.training import TrainingIteration
 from ksuit.writers import CheckpointWriter
 
@@ -134,8 +134,8 @@ class PreviousRunInitializer(Initializer):
                 not TrainingIteration.is_progress_string(i.tag),
                 i.tag == LATEST,
                 i.tag,
-                i.path.name not in listed,
-                i.path.name,
+                i.name not in listed,
+                i.name,
             )
         )
         return matching[0]
@@ -143,7 +143,7 @@ class PreviousRunInitializer(Initializer):
     def apply(self, trainer: BaseTrainer) -> None:
         model = trainer.model
         infos = list_checkpoints(self.run_dir)
-        listed = set(manifest_index(find_checkpoint_dir(self.run_dir))[1])
+        listed = set(read_folder(checkpoint_folder(self.run_dir)).owner)
         for name, leaf in CheckpointWriter.select_leaves(model, self.model_names):
             source = (
                 name if self.source_model_name is None else self.source_model_name + name[len(model.name) :]
@@ -156,7 +156,7 @@ class PreviousRunInitializer(Initializer):
             result = leaf.load_state_dict(state, strict=False)
             if self.strict and (result.missing_keys or result.unexpected_keys):
                 raise ValueError(
-                    f"weights {info.path.name} do not fit {name}: missing {result.missing_keys}, unexpected "
+                    f"weights {info.name} do not fit {name}: missing {result.missing_keys}, unexpected "
                     f"{result.unexpected_keys}; use keys_to_remove / patterns_to_rename, or strict: false"
                 )
             self.loaded[name] = info.path

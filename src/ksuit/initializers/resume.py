@@ -85,5 +85,5 @@ class ResumeInitializer(Initializer):
         trainer_file = chosen.file(trainer.model.name, "trainer")
         trainer.load_state_dict(load_file(trainer_file.path), strict=self.strict)
         trainer.resumed_from = ResumePoint(
-            chosen.folder, chosen.tag, trainer.update_counter.cur_iteration.copy()
+            chosen.folder.ref, chosen.tag, trainer.update_counter.cur_iteration.copy()
         )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import secrets
 from datetime import datetime
 from pathlib import Path
@@ -10,42 +9,9 @@ from pathlib import Path
 from ksuit.layout import validate_name
 
 
-def _fsync_folder(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def make_folder_durable(path: str | Path) -> Path:
-    """Creates `path` and its missing parents and fsyncs every parent whose entries changed, so
-    that a power cut cannot lose the folder (and with it every checkpoint later written and
-    fsynced inside it). An existing folder costs one `stat`."""
-    path = Path(path)
-    missing: list[Path] = []
-    probe = path
-    while not probe.is_dir():
-        if probe.exists() or probe.is_symlink():
-            raise NotADirectoryError(f"{probe} is in the way of the folder {path}; move it away")
-        missing.append(probe)
-        if probe.parent == probe:
-            break
-        probe = probe.parent
-    for folder in reversed(missing):
-        try:
-            os.mkdir(folder)
-        except FileExistsError as e:  # created meanwhile by another process, which fsyncs its parent
-            if not folder.is_dir():
-                raise NotADirectoryError(f"{folder} is in the way of the folder {path}; move it away") from e
-            continue
-        _fsync_folder(folder.parent)
-    return path
-
-
 class PathProvider:
-    """Knows where a run writes; creates folders on access (durably: see `make_folder_durable`)
-    and does no other I/O."""
+    """Knows where a run writes, and does no I/O: the storage backend creates the folders
+    (durably) when the first checkpoint is written."""
 
     def __init__(self, output_root_path: str | Path, run_id: str, stage_name: str | None = None):
         if not isinstance(output_root_path, (str, Path)) or str(output_root_path) == "":
@@ -71,7 +37,7 @@ class PathProvider:
 
     @property
     def checkpoint_path(self) -> Path:
-        return make_folder_durable(self.run_output_path / "checkpoints")
+        return self.run_output_path / "checkpoints"
 
     def __repr__(self) -> str:
         return (

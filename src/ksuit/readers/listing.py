@@ -1,155 +1,203 @@
 """Listing the checkpoints of a run from file names (and manifests), without loading tensors.
 
-Only regular files are checkpoints: an entry with a checkpoint or manifest name that is a
-symbolic link (wherever it points, inside the folder or out), a FIFO, a device or a folder is
-never followed, opened or stat'ed through; `folder_problems` reports it instead.
+Everything goes through the run folder's storage backend, so a run may live on any medium. Only
+regular files are checkpoints: an entry with a checkpoint or manifest name that is a symbolic
+link (wherever it points, inside the folder or out), a FIFO, a device or a folder is never
+followed, opened or stat'ed through; `folder_problems` reports it instead.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from ksuit.layout import CheckpointName, parse_checkpoint_filename, parse_manifest_filename
+from ksuit.storage import Backend, Entry, Location, open_backend
 from ksuit.storage.errors import CorruptCheckpointError, UnsafeCheckpointError
 from ksuit.storage.manifest import Manifest, read_manifest
-from ksuit.storage.safe_files import not_regular_problem
 from ksuit.utils.training import TrainingIteration
 
 
 @dataclass(frozen=True)
 class CheckpointInfo:
-    """One checkpoint file of a run."""
+    """One checkpoint file of a run. `path` is a `Path` for local runs and the URL otherwise;
+    `ksuit.load_model` and `ksuit.load_file` take either."""
 
     model_name: str
     tag: str
-    kind: str
-    path: Path
+    role: str
+    path: Path | str
     size_bytes: int
     training_iteration: TrainingIteration | None
     info: str = ""
     format: str = "torch"
 
     @property
+    def name(self) -> str:
+        """The file name."""
+        return Path(self.path).name if isinstance(self.path, Path) else self.path.rsplit("/", 1)[-1]
+
+    @property
+    def kind(self) -> str:
+        """The file's role (`model`, `optim`, `trainer`); the 0.1 name of `role`."""
+        return self.role
+
+    @property
     def group(self) -> str:
         return f"{self.model_name}_{self.info}" if self.info else self.model_name
 
 
-def find_checkpoint_dir(run_dir: str | Path) -> Path:
-    """The checkpoint folder of a run: `run_dir/checkpoints`, or `run_dir` itself if it holds
-    checkpoints, or the single `run_dir/<stage>/checkpoints`."""
-    if not isinstance(run_dir, (str, Path)) or str(run_dir) == "":
-        raise TypeError(f"run_dir must be a path to a run folder (<output_root>/<run_id>), got {run_dir!r}")
-    run_dir = Path(run_dir)
+def checkpoint_folder(run_dir: Location | Backend) -> Backend:
+    """The backend of a run's checkpoint folder: `run_dir/checkpoints`, or `run_dir` itself if
+    it holds checkpoints, or the single `run_dir/<stage>/checkpoints`."""
+    if isinstance(run_dir, Backend):
+        backend = run_dir
+    else:
+        if not isinstance(run_dir, (str, Path)) or str(run_dir) == "":
+            raise TypeError(
+                f"run_dir must be a path to a run folder (<output_root>/<run_id>), got {run_dir!r}"
+            )
+        backend = open_backend(run_dir)
     try:
-        folder = _find_checkpoint_dir(run_dir)
-        with os.scandir(folder) as entries:  # fails here, with the fix below, when unreadable
-            next(entries, None)
+        folder = _checkpoint_folder(backend)
+        folder.entries()  # fails here, with the fix below, when unreadable
         return folder
     except PermissionError as e:
         raise PermissionError(
             e.errno,
-            f"cannot read the run folder {run_dir} ({e.filename or run_dir}: permission denied); "
-            "run as a user that may read it or fix its permissions (chmod/chown)",
+            f"cannot read the run folder {backend.location} ({e.filename or backend.location}: permission "
+            "denied); run as a user that may read it or fix its permissions (chmod/chown)",
             e.filename,
         ) from e
 
 
-def _find_checkpoint_dir(run_dir: Path) -> Path:
-    if not run_dir.exists():
-        raise FileNotFoundError(f"run folder {run_dir} does not exist; pass <output_root>/<run_id>")
-    if not run_dir.is_dir():
-        raise NotADirectoryError(f"{run_dir} is a file; pass the run folder (<output_root>/<run_id>)")
-    if (run_dir / "checkpoints").is_dir():
-        return run_dir / "checkpoints"
-    if run_dir.name == "checkpoints" or any(parse_checkpoint_filename(p.name) for p in run_dir.iterdir()):
-        return run_dir
-    stages = sorted(p / "checkpoints" for p in run_dir.iterdir() if (p / "checkpoints").is_dir())
+def find_checkpoint_dir(run_dir: Location | Backend) -> Path | str:
+    """The checkpoint folder of a run (see `checkpoint_folder`): a `Path`, or a URL."""
+    return checkpoint_folder(run_dir).ref
+
+
+def _checkpoint_folder(run: Backend) -> Backend:
+    where = run.location
+    kind = run.kind()
+    if kind == "missing":
+        raise FileNotFoundError(f"run folder {where} does not exist; pass <output_root>/<run_id>")
+    if kind == "file":
+        raise NotADirectoryError(f"{where} is a file; pass the run folder (<output_root>/<run_id>)")
+    folders = run.folders()
+    if "checkpoints" in folders:
+        return run.child("checkpoints")
+    if where.rstrip("/").rsplit("/", 1)[-1] == "checkpoints" or any(
+        parse_checkpoint_filename(e.name) for e in run.entries()
+    ):
+        return run
+    stages = [name for name in folders if _has_checkpoints(run, name)]
     if len(stages) == 1:
-        return stages[0]
+        return run.child(stages[0]).child("checkpoints")
     if len(stages) > 1:
-        names = ", ".join(str(s.parent.name) for s in stages)
-        raise ValueError(f"{run_dir} has several stages ({names}); pass <run_dir>/<stage>")
-    raise FileNotFoundError(f"{run_dir} has no checkpoints folder; is it a ksuit run folder?")
+        raise ValueError(f"{where} has several stages ({', '.join(stages)}); pass <run_dir>/<stage>")
+    raise FileNotFoundError(f"{where} has no checkpoints folder; is it a ksuit run folder?")
 
 
-def manifest_index(folder: Path) -> tuple[dict[str, Manifest], dict[str, str]]:
-    """`({manifest file: manifest}, {checkpoint file: manifest file listing it})` of a folder.
-
-    Unreadable manifests are left out here; `folder_problems` and `ksuit.readers.sets` report them.
-    """
-    manifests, _ = read_manifests(folder)
-    owner: dict[str, str] = {}
-    for name, manifest in manifests.items():
-        for filename in manifest.files:
-            owner[filename] = name
-    return manifests, owner
+def _has_checkpoints(run: Backend, stage: str) -> bool:
+    try:
+        return "checkpoints" in run.child(stage).folders()
+    except OSError:
+        return False
 
 
-def read_manifests(folder: Path) -> tuple[dict[str, Manifest], dict[str, str]]:
-    """`({manifest file: manifest}, {manifest file: why it cannot be read})` of a folder."""
+@dataclass
+class FolderListing:
+    """One look at a checkpoint folder: its entries, its readable manifests, and what is wrong."""
+
+    folder: Backend
+    entries: dict[str, Entry]
+    manifests: dict[str, Manifest]  # {manifest file: manifest}
+    unreadable: dict[str, str]  # {manifest file: why it cannot be read}
+
+    @property
+    def owner(self) -> dict[str, str]:
+        """`{checkpoint file: manifest file listing it}`."""
+        return {name: m for m, manifest in self.manifests.items() for name in manifest.files}
+
+    @property
+    def irregular(self) -> dict[str, str]:
+        """`{name: problem}` for checkpoint or manifest names that are not regular files."""
+        return {
+            name: e.problem
+            for name, e in self.entries.items()
+            if e.problem is not None and (parse_checkpoint_filename(name) or parse_manifest_filename(name))
+        }
+
+
+def read_folder(folder: Backend) -> FolderListing:
+    """Lists `folder` once and reads every manifest in it."""
+    entries = {e.name: e for e in folder.entries()}
     manifests: dict[str, Manifest] = {}
-    problems: dict[str, str] = {}
-    for path in sorted(folder.iterdir()):
-        if parse_manifest_filename(path.name) is None:
+    unreadable: dict[str, str] = {}
+    for name, entry in entries.items():
+        if parse_manifest_filename(name) is None:
+            continue
+        if entry.problem is not None:
+            unreadable[name] = f"refusing to read {folder.file_location(name)}: it {entry.problem}"
             continue
         try:
-            manifests[path.name] = read_manifest(path)
+            manifests[name] = read_manifest(folder, name)
         except (CorruptCheckpointError, UnsafeCheckpointError, OSError) as e:
-            problems[path.name] = str(e).splitlines()[0] if str(e) else type(e).__name__
-    return manifests, problems
+            unreadable[name] = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return FolderListing(folder, entries, manifests, unreadable)
 
 
-def folder_problems(run_dir: str | Path) -> dict[str, str]:
+def folder_problems(run_dir: Location | Backend) -> dict[str, str]:
     """`{file name: problem}` for the checkpoint folder of a run: manifests that cannot be read
     and checkpoint or manifest names that are not regular files."""
-    folder = find_checkpoint_dir(run_dir)
-    _, irregular = _scandir(folder)
-    _, problems = read_manifests(folder)
-    return {**problems, **irregular}
+    listing = read_folder(checkpoint_folder(run_dir))
+    return {**listing.unreadable, **listing.irregular}
 
 
 def _iteration_of(
-    name: CheckpointName, manifests: dict[str, Manifest], owner: dict[str, str]
+    name: CheckpointName, listing: FolderListing, owner: dict[str, str]
 ) -> TrainingIteration | None:
     it = name.training_iteration
     if it is not None:
         return it
-    manifest = manifests.get(owner.get(name.filename, ""))
+    manifest = listing.manifests.get(owner.get(name.filename, ""))
     entry = manifest.files.get(name.filename) if manifest is not None else None
     if entry is None or not entry.training_iteration:
         return None
     return TrainingIteration.from_dict(entry.training_iteration)
 
 
-def list_checkpoints(run_dir: str | Path) -> list[CheckpointInfo]:
+def list_checkpoints(run_dir: Location | Backend) -> list[CheckpointInfo]:
     """Every checkpoint file of a run, sorted by model, iteration and tag.
 
     The iteration comes from the tag (`E10_U200_S800`) or, for `latest`, `last` and `best_...`,
     from the set's manifest; no tensor is loaded.
     """
-    folder = find_checkpoint_dir(run_dir)
-    manifests, owner = manifest_index(folder)
+    return listed_checkpoints(read_folder(checkpoint_folder(run_dir)))
+
+
+def listed_checkpoints(listing: FolderListing) -> list[CheckpointInfo]:
+    """`list_checkpoints` of a folder already read."""
+    owner = listing.owner
     result = []
-    for entry in _scandir(folder)[0]:
+    for entry in listing.entries.values():
         name = parse_checkpoint_filename(entry.name)
-        if name is None:
+        if name is None or entry.problem is not None:
             continue
         result.append(
             CheckpointInfo(
                 model_name=name.name,
                 tag=name.tag,
-                kind=name.kind,
-                path=Path(entry.path),
-                size_bytes=entry.stat(follow_symlinks=False).st_size,
-                training_iteration=_iteration_of(name, manifests, owner),
+                role=name.kind,
+                path=listing.folder.file_ref(entry.name),
+                size_bytes=entry.size,
+                training_iteration=_iteration_of(name, listing, owner),
                 info=name.info,
                 format=name.format,
             )
         )
 
-    def order(c: CheckpointInfo) -> tuple:
+    def order(c: CheckpointInfo) -> tuple[object, ...]:
         it = c.training_iteration
         return (
             c.model_name,
@@ -157,28 +205,12 @@ def list_checkpoints(run_dir: str | Path) -> list[CheckpointInfo]:
             it is None,
             (it.epoch, it.update, it.sample) if it and it.is_fully_specified else (0, 0, 0),
             c.tag,
-            c.kind,
+            c.role,
         )
 
     return sorted(result, key=order)
 
 
-def _scandir(folder: Path) -> tuple[list[os.DirEntry], dict[str, str]]:
-    """`(regular files, {name: problem} for checkpoint or manifest names that are not regular files)`;
-    links are never followed."""
-    regular, irregular = [], {}
-    with os.scandir(folder) as it:
-        for entry in it:
-            if entry.is_file(follow_symlinks=False):
-                regular.append(entry)
-            elif parse_checkpoint_filename(entry.name) or parse_manifest_filename(entry.name):
-                try:
-                    irregular[entry.name] = not_regular_problem(entry.stat(follow_symlinks=False).st_mode)
-                except FileNotFoundError:  # removed meanwhile
-                    continue
-    return regular, irregular
-
-
-def irregular_entries(run_dir: str | Path) -> dict[str, str]:
+def irregular_entries(run_dir: Location | Backend) -> dict[str, str]:
     """`{name: problem}` for checkpoint or manifest names in the folder that are not regular files."""
-    return _scandir(find_checkpoint_dir(run_dir))[1]
+    return read_folder(checkpoint_folder(run_dir)).irregular

@@ -10,19 +10,18 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from ksuit.layout import parse_checkpoint_filename, parse_manifest_filename
 from ksuit.models.base import ModelBase
+from ksuit.readers.listing import read_folder
 from ksuit.schemas.models import ModelBaseConfig
+from ksuit.storage import Backend, Location, OpenedFile, load_opened, split_file_location
 from ksuit.storage.errors import CorruptCheckpointError
 from ksuit.storage.formats import format_of_path
-from ksuit.storage.loading import load_file
-from ksuit.storage.manifest import list_manifests, read_manifest, verify_file
-from ksuit.storage.transaction import folder_lock
+from ksuit.storage.manifest import ManifestEntry
 from ksuit.utils.imports import resolve_kind_from_file, trusted_prefixes
 
 logger = logging.getLogger(__name__)
@@ -31,56 +30,68 @@ logger = logging.getLogger(__name__)
 ALWAYS_TRUSTED_MODULES = ("ksuit",)
 
 
-def check_against_manifest(path: str | Path, checksum: bool = True) -> None:
-    """Raises `CorruptCheckpointError` when a manifest in the file's folder lists the file and
-    the file does not match its size (and, with `checksum`, its checksum) there.
+def manifest_entry_of(folder: Backend, name: str) -> tuple[str, ManifestEntry] | None:
+    """`(manifest file, entry)` of the manifest in `folder` that lists the file `name`, if any.
 
-    A file no manifest lists (a standalone or exported file) is not checked. An unreadable
-    manifest is skipped with a warning, as it cannot say what the file should be.
+    An unreadable manifest is skipped with a warning when its tag is the file's, as it cannot
+    say what the file should be.
     """
-    path = Path(path)
-    folder = path.parent
-    parsed = parse_checkpoint_filename(path.name)
+    parsed = parse_checkpoint_filename(name)
     try:
-        manifests = list_manifests(folder)
+        listing = read_folder(folder)
     except OSError:
-        return  # a folder that cannot be listed has no manifest we could read; load_file reports the file
-    for manifest_path in manifests:
-        try:
-            manifest = read_manifest(manifest_path)
-        except (CorruptCheckpointError, OSError) as e:
-            named = parse_manifest_filename(manifest_path.name)
-            if parsed is None or named is None or named[1] == parsed.tag:
-                logger.warning("cannot check %s against %s: %s", path, manifest_path.name, e)
-            continue
-        entry = manifest.files.get(path.name)
-        if entry is None:
-            continue
-        problem = verify_file(folder, path.name, entry, checksum=checksum)
-        if problem is not None:
-            raise CorruptCheckpointError(
-                f"{path} does not match the manifest {manifest_path.name} that lists it ({problem}): the "
-                f"file was damaged or changed after it was saved; run `ksuit verify {folder}` (it also "
-                "completes an interrupted save) and load another checkpoint, or restore the file from a copy"
-            )
+        return None  # a folder that cannot be listed has no manifest we could read
+    for manifest_name, problem in listing.unreadable.items():
+        named = parse_manifest_filename(manifest_name)
+        if parsed is None or named is None or named[1] == parsed.tag:
+            logger.warning("cannot check %s against %s: %s", name, manifest_name, problem)
+    for manifest_name, manifest in listing.manifests.items():
+        entry = manifest.files.get(name)
+        if entry is not None:
+            return manifest_name, entry
+    return None
+
+
+def check_opened(f: OpenedFile, folder: Backend, checksum: bool = True) -> None:
+    """Raises `CorruptCheckpointError` when a manifest in the file's folder lists the opened
+    file and it does not match its size (and, with `checksum`, its checksum) there. The bytes
+    hashed are those of the opened file, the very file that is then loaded."""
+    listed = manifest_entry_of(folder, f.name)
+    if listed is None:
+        return  # a standalone or exported file: nothing says what it should be
+    manifest_name, entry = listed
+    problem = None
+    if f.size != entry.size:
+        problem = f"size {f.size} != {entry.size} in manifest"
+    elif checksum:
+        size, digest = f.checksum()
+        if (size, digest) != (entry.size, entry.checksum):
+            problem = f"checksum {digest} != {entry.checksum} in manifest"
+    if problem is not None:
+        raise CorruptCheckpointError(
+            f"{f.location} does not match the manifest {manifest_name} that lists it ({problem}): the "
+            f"file was damaged or changed after it was saved; run `ksuit verify {folder.location}` (it "
+            "also completes an interrupted save) and load another checkpoint, or restore the file from a copy"
+        )
 
 
 def load_model_payload(
-    path: str | Path, map_location: Any = "cpu", mmap: bool = False, verify: bool = True
+    path: Location, map_location: Any = "cpu", mmap: bool = False, verify: bool = True
 ) -> dict[str, Any]:
     """The dict of a weights file, loaded safely (`weights_only=True`).
 
     When a manifest beside the file lists it, the file must match the manifest's size and, with
-    `verify` (the default), its checksum, or `CorruptCheckpointError` names both. The folder lock
-    is held meanwhile, so a save in flight cannot swap the file between the check and the load.
+    `verify` (the default), its checksum, or `CorruptCheckpointError` names both. The file is
+    opened once: what is checked is what is loaded.
     """
-    path = Path(path)
-    with folder_lock(path.parent):
-        if path.is_file():
-            check_against_manifest(path, checksum=verify)
-        payload = load_file(path, map_location=map_location, mmap=mmap)
+    folder, name = split_file_location(path)
+    with folder.open(name, follow_symlinks=True) as f:
+        check_opened(f, folder, checksum=verify)
+        payload = load_opened(f, map_location=map_location, mmap=mmap)
     if not isinstance(payload, dict) or "state_dict" not in payload:
-        raise ValueError(f"{path} is not a ksuit weights file (no 'state_dict' key); pass a *_model.th file")
+        raise ValueError(
+            f"{f.location} is not a ksuit weights file (no 'state_dict' key); pass a *_model.th file"
+        )
     return payload
 
 
@@ -118,7 +129,7 @@ def build_model_from_payload(
 
 
 def load_model(
-    path: str | Path,
+    path: Location,
     map_location: Any = "cpu",
     trusted_modules: str | Iterable[str] | None = None,
     verify: bool = True,
@@ -134,7 +145,7 @@ def load_model(
     trusted_prefixes(trusted_modules)  # a wrong argument fails before any file is read
     # .th files are memory-mapped and their tensors become the parameters (no second copy) when
     # that gives the same model as copying: same shapes and dtypes, no tied weights
-    payload = load_model_payload(path, map_location, mmap=format_of_path(path) == "torch", verify=verify)
+    payload = load_model_payload(path, map_location, mmap=format_of_path(str(path)) == "torch", verify=verify)
     model = build_model_from_payload(payload, str(path), trusted_modules)
     state_dict = payload["state_dict"]
     model.load_state_dict(state_dict, assign=_can_assign(model, state_dict))

@@ -16,6 +16,6 @@ class ResumePoint:
     files of their own (EMA) read it to reload theirs from the same set.
     """
 
-    checkpoint_dir: Path
+    checkpoint_dir: Path | str  # a Path for local runs, else the URL
     tag: str
     training_iteration: TrainingIteration

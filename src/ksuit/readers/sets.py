@@ -9,15 +9,13 @@ other sets are unaffected.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from ksuit.layout import parse_checkpoint_filename, parse_manifest_filename
-from ksuit.readers.listing import CheckpointInfo, find_checkpoint_dir, irregular_entries, list_checkpoints
-from ksuit.storage.errors import CorruptCheckpointError, UnsafeCheckpointError
-from ksuit.storage.manifest import Manifest, read_manifest, verify_file
-from ksuit.storage.transaction import folder_lock, recover_folder
+from ksuit.readers.listing import CheckpointInfo, checkpoint_folder, listed_checkpoints, read_folder
+from ksuit.storage import Backend, Entry, Location
+from ksuit.storage.manifest import Manifest, verify_file
 from ksuit.utils.training import TrainingIteration
 
 
@@ -25,7 +23,7 @@ from ksuit.utils.training import TrainingIteration
 class CheckpointSet:
     group: str
     tag: str
-    folder: Path
+    folder: Backend
     manifest: Manifest | None
     files: dict[str, CheckpointInfo] = field(default_factory=dict)
     problems: dict[str, str] = field(default_factory=dict)
@@ -52,20 +50,23 @@ class CheckpointSet:
     def size_bytes(self) -> int:
         return sum(i.size_bytes for i in self.files.values())
 
-    def file(self, model_name: str, kind: str) -> CheckpointInfo | None:
+    def file(self, model_name: str, role: str) -> CheckpointInfo | None:
         for info in self.files.values():
-            if info.model_name == model_name and info.kind == kind:
+            if info.model_name == model_name and info.role == role:
                 return info
         return None
 
-    def check(self, checksum: bool) -> None:
-        """Fills `problems`: missing/short/altered files, files from mixed iterations."""
+    def check(self, checksum: bool, entries: Mapping[str, Entry] | None = None) -> None:
+        """Fills `problems`: missing/short/altered files, files from mixed iterations.
+        `entries`: the folder's listing, when the caller has it."""
         self.problems = {}
         if self.manifest is None:
             self.problems["(manifest)"] = "no manifest: the set cannot be verified"
             return
+        if entries is None:
+            entries = {e.name: e for e in self.folder.entries()}
         for name, entry in self.manifest.files.items():
-            problem = verify_file(self.folder, name, entry, checksum=checksum)
+            problem = verify_file(self.folder, name, entry, checksum=checksum, entries=entries)
             if problem is not None:
                 self.problems[name] = problem
         for name in self.files:
@@ -84,42 +85,44 @@ class CheckpointSet:
         self.checksums_verified = checksum
 
 
-def scan_sets(run_dir: str | Path, checksum: bool = False) -> list[CheckpointSet]:
+def scan_sets(run_dir: Location | Backend, checksum: bool = False) -> list[CheckpointSet]:
     """Every set of a run (one per group and tag), checked against its manifest."""
-    folder = find_checkpoint_dir(run_dir)
+    folder = checkpoint_folder(run_dir)
+    listing = read_folder(folder)
     sets: dict[tuple[str, str], CheckpointSet] = {}
-    for path in sorted(folder.iterdir()):
-        parsed = parse_manifest_filename(path.name)
-        if parsed is None:
-            continue
-        group, tag = parsed
-        try:
-            manifest = read_manifest(path)
-            sets[(group, tag)] = CheckpointSet(group, tag, folder, manifest)
-        except (CorruptCheckpointError, UnsafeCheckpointError, OSError) as e:
-            s = CheckpointSet(group, tag, folder, None)
-            s.problems["(manifest)"] = str(e).splitlines()[0] if str(e) else type(e).__name__
-            sets[(group, tag)] = s
+    for name, manifest in listing.manifests.items():
+        group, tag = parse_manifest_filename(name) or (manifest.group, manifest.tag)
+        sets[(group, tag)] = CheckpointSet(group, tag, folder, manifest)
+    for name, problem in listing.unreadable.items():
+        parsed = parse_manifest_filename(name)
+        if parsed is not None:
+            s = CheckpointSet(*parsed, folder, None)
+            s.problems["(manifest)"] = problem
+            sets[parsed] = s
     owner = {name: key for key, s in sets.items() if s.manifest for name in s.manifest.files}
     # a member in another format (`ksuit export` writes x_model.safetensors beside x_model.th)
     same_name = {_without_ext(name): key for name, key in owner.items()}
-    for info in list_checkpoints(folder):
-        if info.path.name not in owner and _without_ext(info.path.name) in same_name:
-            sets[same_name[_without_ext(info.path.name)]].others[info.path.name] = info
+    for info in listed_checkpoints(listing):
+        if info.name not in owner and _without_ext(info.name) in same_name:
+            sets[same_name[_without_ext(info.name)]].others[info.name] = info
             continue
-        key = owner.get(info.path.name, (info.group, info.tag))
+        key = owner.get(info.name, (info.group, info.tag))
         if key not in sets:
             sets[key] = CheckpointSet(info.group, info.tag, folder, None)
-        sets[key].files[info.path.name] = info
-    for name, problem in irregular_entries(folder).items():
-        parsed = parse_checkpoint_filename(name)
-        key = owner.get(name) or ((parsed.group, parsed.tag) if parsed else parse_manifest_filename(name))
+        sets[key].files[info.name] = info
+    for name, problem in listing.irregular.items():
+        parsed_file = parse_checkpoint_filename(name)
+        key = owner.get(name) or (
+            (parsed_file.group, parsed_file.tag) if parsed_file else parse_manifest_filename(name)
+        )
+        if key is None:
+            continue
         if key not in sets:
             sets[key] = CheckpointSet(*key, folder, None)
         sets[key].irregular[name] = problem
     for s in sets.values():
         if "(manifest)" not in s.problems:
-            s.check(checksum)
+            s.check(checksum, listing.entries)
         s.problems.update(s.irregular)
     return sorted(sets.values(), key=lambda s: (s.group, _sort_key(s)))
 
@@ -145,7 +148,7 @@ def _matches(s: CheckpointSet, wanted: str | TrainingIteration) -> bool:
 
 
 def select_resume_set(
-    run_dir: str | Path,
+    run_dir: Location | Backend,
     group: str,
     tag: str | TrainingIteration | None = None,
     required: Iterable[tuple[str, str]] = (),
@@ -156,26 +159,27 @@ def select_resume_set(
     Interrupted saves are first rolled forward (or discarded) by recovery. A minimal
     `TrainingIteration` such as `epoch=10` selects by iteration instead of by tag.
     """
-    folder = find_checkpoint_dir(run_dir)
+    folder = checkpoint_folder(run_dir)
     # hold the folder still: a save in flight in another process finishes first
-    with folder_lock(folder):
+    with folder.lock():
         return _select_resume_set_locked(folder, group, tag, list(required))
 
 
 def _select_resume_set_locked(
-    folder: Path, group: str, tag: str | TrainingIteration | None, required: list[tuple[str, str]]
+    folder: Backend, group: str, tag: str | TrainingIteration | None, required: list[tuple[str, str]]
 ) -> tuple[CheckpointSet, list[tuple[str, str]]]:
-    recover_folder(folder)
+    folder.recover()
     candidates = [s for s in scan_sets(folder, checksum=False) if s.group == group]
     if not candidates:
         groups = sorted({s.group for s in scan_sets(folder)})
         raise FileNotFoundError(
-            f"no checkpoints of '{group}' in {folder}" + (f"; found: {', '.join(groups)}" if groups else "")
+            f"no checkpoints of '{group}' in {folder.location}"
+            + (f"; found: {', '.join(groups)}" if groups else "")
         )
     if tag is not None:
         candidates = [s for s in candidates if _matches(s, tag)]
         if not candidates:
-            raise FileNotFoundError(f"no checkpoint set of '{group}' matches {tag!s} in {folder}")
+            raise FileNotFoundError(f"no checkpoint set of '{group}' matches {tag!s} in {folder.location}")
     # newest first; on equal iterations prefer the rolling 'latest' (it is what resume writes)
     candidates.sort(key=lambda s: (_sort_key(s)[:3], s.tag == "latest"), reverse=True)
     skipped: list[tuple[str, str]] = []
@@ -194,7 +198,7 @@ def _select_resume_set_locked(
             return s, skipped
         skipped.append((s.tag, reason))
     details = "; ".join(f"{t}: {r}" for t, r in skipped)
-    raise FileNotFoundError(f"no usable checkpoint set of '{group}' in {folder} ({details})")
+    raise FileNotFoundError(f"no usable checkpoint set of '{group}' in {folder.location} ({details})")
 
 
 def _unusable_reason(s: CheckpointSet, group: str, required: list[tuple[str, str]]) -> str | None:

@@ -1,31 +1,42 @@
-"""How bytes reach the medium: atomic files, checksummed manifests, set switches, formats,
-an asynchronous queue, and the one safe load function. See `ksuit.storage.atomic` for the
-crash-safety protocol."""
+"""How bytes reach a medium: storage backends (`ksuit.storage.backend`, the local one in
+`ksuit.storage.local` with its crash-safety protocol), sets with checksummed manifests, formats,
+an asynchronous writer, and the one safe load function."""
 
 from ksuit.storage.async_writer import AsyncSetWriter
-from ksuit.storage.atomic import check_free_space, fsync_dir, write_file_atomic
+from ksuit.storage.backend import Backend, Entry, OpenedFile, RecoveryReport, SetTransaction, WrittenFile
 from ksuit.storage.errors import CorruptCheckpointError, UnsafeCheckpointError
 from ksuit.storage.formats import FORMATS, get_format
-from ksuit.storage.loading import load_file, read_metadata
-from ksuit.storage.manifest import Manifest, read_manifest, verify_file
-from ksuit.storage.transaction import PendingFile, SetWriter, WrittenFile, recover_folder
+from ksuit.storage.loading import load_file, load_opened, read_metadata
+from ksuit.storage.local import LocalBackend
+from ksuit.storage.locations import Location, open_backend, recover_folder, split_file_location
+from ksuit.storage.manifest import Manifest, ManifestEntry, read_manifest, verify_file
+from ksuit.storage.sets import PendingFile, SetSink, SetWriter
 
 __all__ = [
     "FORMATS",
     "AsyncSetWriter",
+    "Backend",
     "CorruptCheckpointError",
+    "Entry",
+    "LocalBackend",
+    "Location",
     "Manifest",
+    "ManifestEntry",
+    "OpenedFile",
     "PendingFile",
+    "RecoveryReport",
+    "SetSink",
+    "SetTransaction",
     "SetWriter",
     "UnsafeCheckpointError",
     "WrittenFile",
-    "check_free_space",
-    "fsync_dir",
     "get_format",
     "load_file",
+    "load_opened",
+    "open_backend",
     "read_manifest",
     "read_metadata",
     "recover_folder",
+    "split_file_location",
     "verify_file",
-    "write_file_atomic",
 ]

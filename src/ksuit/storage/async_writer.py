@@ -1,9 +1,10 @@
 """Asynchronous set writing: snapshot now, write in a background thread, in order.
 
-`submit()` copies every tensor of a save into host buffers (pinned for CUDA sources) and
-returns; one background thread writes the sets through `SetWriter`, so every crash-safety
-guarantee of the synchronous path holds (temp files, streaming checksum, fsync, manifest,
-journal). Sets are written in submission order, so a `latest` of an older save never replaces
+`AsyncSetWriter` wraps a `SetWriter` (so any backend) with the same `SetSink` interface:
+`write_set()` copies every tensor of a save into host buffers (pinned for CUDA sources) and
+returns; one background thread writes the sets through the wrapped writer, so every
+crash-safety guarantee of the synchronous path holds (staging, streaming checksum, manifest,
+atomic commit). Sets are written in submission order, so a `latest` of an older save never replaces
 a newer one. The first error of a background write is re-raised by the next `submit()` or
 `flush()`.
 
@@ -30,13 +31,15 @@ import sys
 import threading
 import traceback
 import weakref
-from collections.abc import Callable
-from pathlib import Path
 
-from ksuit.storage.snapshot import SnapshotPool, take_snapshot
-from ksuit.storage.transaction import PendingFile, SetWriter, WrittenFile
+from ksuit.storage.backend import Backend
+from ksuit.storage.locations import Location
+from ksuit.storage.sets import OnWritten, PendingFile, SetWriter
+from ksuit.storage.snapshot import SnapshotBuffer, SnapshotPool, take_snapshot
 
 logger = logging.getLogger(__name__)
+
+_Job = tuple[list[PendingFile], "str | None", "OnWritten | None", SnapshotBuffer]
 
 EXIT_CODE_WRITE_FAILED = 1
 _open_writers: weakref.WeakValueDictionary[int, AsyncSetWriter] = weakref.WeakValueDictionary()
@@ -60,7 +63,7 @@ def _track(writer: AsyncSetWriter) -> int:
 def _close_all_at_exit() -> None:
     """Closes every open writer of this process, oldest first, so every queued save reaches the
     disk; if any fails, reports each failure on stderr and ends the process with exit code 1."""
-    failures: list[tuple[Path, BaseException]] = []
+    failures: list[tuple[str, BaseException]] = []
     for key in sorted(_open_writers.keys()):
         writer = _open_writers.get(key)
         if writer is None or writer.pid != os.getpid():  # a forked child has no writer thread
@@ -68,7 +71,7 @@ def _close_all_at_exit() -> None:
         try:
             writer.close()
         except BaseException as e:
-            failures.append((writer.folder, e))
+            failures.append((writer.backend.location, e))
     if not failures:
         return
     for folder, error in failures:
@@ -88,27 +91,26 @@ def _close_all_at_exit() -> None:
 class AsyncSetWriter:
     """Queues sets for a `SetWriter` running in one background thread."""
 
-    def __init__(self, folder: str | Path, max_pending: int = 1):
-        self.set_writer = SetWriter(folder)
+    def __init__(self, set_writer: SetWriter | Backend | Location, max_pending: int = 1):
+        self.set_writer = set_writer if isinstance(set_writer, SetWriter) else SetWriter(set_writer)
         self.pool = SnapshotPool(max_pending)
-        self._queue: queue.Queue = queue.Queue()
+        self._queue: queue.Queue[_Job | None] = queue.Queue()
         self._errors: list[BaseException] = []
         self._errors_lock = threading.Lock()
         self._closed = False
         self.pid = os.getpid()
-        self._thread = threading.Thread(target=self._run, name=f"ksuit-writer:{folder}", daemon=True)
+        self._thread = threading.Thread(
+            target=self._run, name=f"ksuit-writer:{self.set_writer.backend.location}", daemon=True
+        )
         self._thread.start()
         self._key = _track(self)
 
     @property
-    def folder(self) -> Path:
-        return self.set_writer.folder
+    def backend(self) -> Backend:
+        return self.set_writer.backend
 
-    def submit(
-        self,
-        files: list[PendingFile],
-        run_id: str | None = None,
-        on_written: Callable[[list[WrittenFile]], None] | None = None,
+    def write_set(
+        self, files: list[PendingFile], run_id: str | None = None, on_written: OnWritten | None = None
     ) -> None:
         """Snapshots the payloads (waiting for a free buffer) and queues the write."""
         if self._closed:
@@ -122,10 +124,7 @@ class AsyncSetWriter:
         except BaseException:
             self.pool.release(buffer)
             raise
-        snap_files = [
-            PendingFile(f.filename, p, f.fmt, f.kind, f.group, f.tag, f.training_iteration)
-            for f, p in zip(files, payloads, strict=True)
-        ]
+        snap_files = [f.with_payload(p) for f, p in zip(files, payloads, strict=True)]
         self._queue.put((snap_files, run_id, on_written, buffer))
 
     def _run(self) -> None:
@@ -136,11 +135,9 @@ class AsyncSetWriter:
                 return
             files, run_id, on_written, buffer = job
             try:
-                written = self.set_writer.write_set(files, run_id)
-                if on_written is not None:
-                    on_written(written)
+                self.set_writer.write_set(files, run_id, on_written)
             except BaseException as e:  # kept and re-raised on the caller's thread
-                logger.error("background checkpoint write to %s failed: %s", self.folder, e)
+                logger.error("background checkpoint write to %s failed: %s", self.backend.location, e)
                 with self._errors_lock:
                     self._errors.append(e)
             finally:
@@ -154,7 +151,9 @@ class AsyncSetWriter:
                 return
             first, self._errors = self._errors[0], []
         # the original exception, so callers can catch what a sync save raises (OSError ENOSPC, ...)
-        first.add_note(f"raised by a background checkpoint write to {self.folder}; that save is not on disk")
+        first.add_note(
+            f"raised by a background checkpoint write to {self.backend.location}; that save is not on disk"
+        )
         raise first
 
     def flush(self) -> None:

@@ -1,7 +1,8 @@
 """Converting a weights file between the `torch` (`.th`) and `safetensors` formats.
 
 The file is read with the one safe load function (`weights_only=True`) and written atomically
-next to the source (temp name, fsync, rename) by the target format's writer.
+next to the source (or at `output`) through the target folder's backend, by the target
+format's writer.
 
 The new file is standalone: it never joins a set manifest. A set is what one save wrote; an
 exported copy of a rolling `latest` file is stale after the next save, and listing it in the
@@ -11,67 +12,70 @@ its own beside the set, and `load_model` loads it like any weights file.
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
 
-from ksuit.layout import EXTENSIONS, checkpoint_filename, parse_checkpoint_filename
-from ksuit.storage.atomic import write_file_atomic
+from ksuit.layout import EXTENSIONS, checkpoint_filename, parse_checkpoint_filename, parse_manifest_filename
+from ksuit.storage.backend import Backend, WrittenFile
 from ksuit.storage.errors import CorruptCheckpointError
 from ksuit.storage.formats import format_of_path, get_format
 from ksuit.storage.loading import load_file
-from ksuit.storage.manifest import list_manifests, read_manifest
-from ksuit.storage.transaction import folder_lock
+from ksuit.storage.locations import Location, split_file_location
+from ksuit.storage.manifest import read_manifest
 
 
-def converted_path(source: Path, to: str) -> Path:
-    """Where `source` converted to format `to` goes: same folder, same checkpoint name."""
+def converted_name(name: str, to: str) -> str:
+    """The name of `name` converted to format `to`: the same checkpoint name, the new extension."""
     get_format(to)
-    parsed = parse_checkpoint_filename(source.name)
+    parsed = parse_checkpoint_filename(name)
     if parsed is None:
-        return source.with_suffix("." + EXTENSIONS[to])
-    return source.with_name(checkpoint_filename(parsed.name, parsed.tag, parsed.kind, parsed.info, fmt=to))
+        stem = name.rsplit(".", 1)[0] if "." in name else name
+        return f"{stem}.{EXTENSIONS[to]}"
+    return checkpoint_filename(parsed.name, parsed.tag, parsed.kind, parsed.info, fmt=to)
 
 
 def convert_file(
-    source: str | Path, to: str, output: str | Path | None = None, overwrite: bool = False
-) -> Path:
-    """Writes `source` in format `to` (`"safetensors"` or `"torch"`); returns the new path.
+    source: Location, to: str, output: Location | None = None, overwrite: bool = False
+) -> WrittenFile:
+    """Writes `source` in format `to` (`"safetensors"` or `"torch"`); returns the new file.
 
     Tensors keep their exact bits; safetensors stores every non-tensor key as JSON in its
     header, so only weights files (`{state_dict: {name: tensor}, ...plain values}`) convert.
     """
-    source = Path(source)
     fmt = get_format(to)
-    if not source.is_file():
-        raise FileNotFoundError(f"checkpoint file {source} does not exist")
-    if format_of_path(source) == to:
-        raise ValueError(f"{source} is already in the {to} format")
-    target = Path(output) if output is not None else converted_path(source, to)
-    if format_of_path(target) != to:
-        raise ValueError(f"output {target} must end in .{EXTENSIONS[to]} for the {to} format")
-    if target.exists() and not overwrite:
-        raise FileExistsError(f"{target} already exists; pass --force to replace it")
+    source_backend, source_name = split_file_location(source)
+    if format_of_path(source_name) == to:
+        raise ValueError(f"{os.fspath(source)} is already in the {to} format")
+    if output is not None:
+        backend, name = split_file_location(output)
+    else:
+        backend, name = source_backend, converted_name(source_name, to)
+    where = backend.file_location(name)
+    if format_of_path(name) != to:
+        raise ValueError(f"output {where} must end in .{EXTENSIONS[to]} for the {to} format")
     payload = load_file(source)
     if to == "safetensors":
         fmt.split_payload(payload)  # fails before any byte is written when it cannot convert
-    with folder_lock(target.parent):
-        owner = _manifest_listing(target)
+    with backend.lock():
+        exists = backend.kind() == "folder" and any(e.name == name for e in backend.entries())
+        if exists and not overwrite:
+            raise FileExistsError(f"{where} already exists; pass --force to replace it")
+        owner = _manifest_listing(backend, name) if exists else None
         if owner is not None:
             raise ValueError(
-                f"{target} belongs to the checkpoint set of {owner.name}, and an export never replaces "
+                f"{where} belongs to the checkpoint set of {owner}, and an export never replaces "
                 "a file of a set (the set would no longer match its manifest); pass another --output"
             )
-        write_file_atomic(target, lambda sink: fmt.write(payload, sink))
-    return target
+        return backend.write_file(name, lambda sink: fmt.write(payload, sink), fmt.estimate_nbytes(payload))
 
 
-def _manifest_listing(path: Path) -> Path | None:
-    """The manifest beside `path` that lists it, if any (unreadable manifests are skipped)."""
-    if not path.parent.is_dir():
-        return None
-    for manifest_path in list_manifests(path.parent):
+def _manifest_listing(backend: Backend, name: str) -> str | None:
+    """The manifest of the folder that lists `name`, if any (unreadable manifests are skipped)."""
+    for entry in backend.entries():
+        if entry.problem is not None or parse_manifest_filename(entry.name) is None:
+            continue
         try:
-            if path.name in read_manifest(manifest_path).files:
-                return manifest_path
+            if name in read_manifest(backend, entry.name).files:
+                return entry.name
         except (CorruptCheckpointError, OSError):
             continue
     return None

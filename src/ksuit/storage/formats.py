@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 import torch
 
-from ksuit.storage.direct_io import open_stream
+from ksuit.storage.backend import WriteStream
 from ksuit.storage.torch_zip import write_torch_zip
 
 try:  # torch >= 2.6
@@ -28,10 +28,13 @@ except ImportError:  # pragma: no cover - older torch
 
 
 class Format(Protocol):
+    """How a payload becomes the bytes of one file. The backend decides where the bytes go
+    (`sink`: a hashing stream of a staged file)."""
+
     name: str
     extension: str
 
-    def write(self, payload: dict[str, Any], sink: Any) -> None: ...
+    def write(self, payload: dict[str, Any], sink: WriteStream) -> None: ...
 
     def estimate_nbytes(self, payload: dict[str, Any]) -> int: ...
 
@@ -73,10 +76,9 @@ class TorchFormat:
             raise ValueError(f"unknown torch format engine {engine!r}; known: {', '.join(self.ENGINES)}")
         self.engine = engine
 
-    def write(self, payload: dict[str, Any], sink: Any) -> None:
+    def write(self, payload: dict[str, Any], sink: WriteStream) -> None:
         if self.engine == "direct":
-            with open_stream(sink, self.estimate_nbytes(payload)) as out:
-                write_torch_zip(payload, out)
+            write_torch_zip(payload, sink)
         elif _serialization_config is not None:
             with _serialization_config.patch({"save.compute_crc32": False}):
                 torch.save(payload, sink)
@@ -174,11 +176,7 @@ class SafetensorsFormat:
         raw += b" " * ((8 - len(raw) % 8) % 8)  # align the data section as safetensors does
         return raw, tensors
 
-    def write(self, payload: dict[str, Any], sink: Any) -> None:
-        with open_stream(sink, self.estimate_nbytes(payload)) as out:
-            self._write(payload, out)
-
-    def _write(self, payload: dict[str, Any], sink: Any) -> None:
+    def write(self, payload: dict[str, Any], sink: WriteStream) -> None:
         header, tensors = self._layout(payload)
         sink.write(struct.pack("<Q", len(header)))
         sink.write(header)

@@ -15,18 +15,18 @@ is the file loaded. What is refused raises, naming the file:
 
 from __future__ import annotations
 
+import io
 import json
-import os
 import pickle
 import struct
-from pathlib import Path
 from typing import Any
 
 import torch
 
+from ksuit.storage.backend import Backend, OpenedFile
 from ksuit.storage.errors import CorruptCheckpointError, UnsafeCheckpointError
 from ksuit.storage.formats import SAFETENSORS_DTYPES, SAFETENSORS_METADATA_MARKER, format_of_path
-from ksuit.storage.safe_files import open_regular, pinned_path
+from ksuit.storage.locations import Location, split_file_location
 from ksuit.storage.torch_archive import HINT, check_torch_archive
 
 MAX_SAFETENSORS_HEADER_BYTES = 100 * 1024 * 1024  # the bound the safetensors library itself uses
@@ -38,10 +38,15 @@ MAX_DESCRIBED_CHARS = 10_000
 MAX_DESCRIBED_TOTAL_CHARS = 1_000_000
 
 
-def _torch_load(fd: int, path: Path, map_location: Any, mmap: bool) -> Any:
-    check_torch_archive(fd, path)
+def _torch_load(f: OpenedFile, map_location: Any, mmap: bool) -> Any:
+    check_torch_archive(f)
+    path = f.location
+    local = f.local_path()
+    source: Any = local if local is not None else io.BytesIO(f.read_at(0, f.size))
     try:
-        return torch.load(pinned_path(fd, path), map_location=map_location, weights_only=True, mmap=mmap)
+        return torch.load(
+            source, map_location=map_location, weights_only=True, mmap=mmap and local is not None
+        )
     except pickle.UnpicklingError as e:
         raise UnsafeCheckpointError(
             f"refusing to load {path}: it contains pickled objects that are not tensors or plain Python "
@@ -55,23 +60,23 @@ def _torch_load(fd: int, path: Path, map_location: Any, mmap: bool) -> Any:
         ) from e
 
 
-def _corrupt_header(path: Path, problem: str) -> CorruptCheckpointError:
+def _corrupt_header(path: str, problem: str) -> CorruptCheckpointError:
     return CorruptCheckpointError(
         f"cannot read the safetensors header of {path}: {problem}; the file is damaged or not a "
         "safetensors file: restore it or resume from another checkpoint"
     )
 
 
-def _read_header_fd(fd: int, path: Path) -> dict[str, Any]:
-    file_size = os.fstat(fd).st_size
-    head = os.pread(fd, 8, 0)
+def _read_header(f: OpenedFile) -> dict[str, Any]:
+    path, file_size = f.location, f.size
+    head = f.read_at(0, 8)
     if len(head) != 8:
         raise _corrupt_header(path, f"the file is {file_size} bytes, too short for a header")
     (n,) = struct.unpack("<Q", head)
     if n > min(MAX_SAFETENSORS_HEADER_BYTES, file_size - 8):
         raise _corrupt_header(path, f"a header of {n} bytes does not fit in a file of {file_size} bytes")
     try:
-        header = json.loads(os.pread(fd, n, 8))
+        header = json.loads(f.read_at(8, n))
     except (ValueError, RecursionError) as e:  # bad UTF-8, bad JSON, nesting too deep
         raise _corrupt_header(
             path, f"it is not JSON ({str(e).splitlines()[0] or type(e).__name__})"
@@ -80,7 +85,7 @@ def _read_header_fd(fd: int, path: Path) -> dict[str, Any]:
     return header
 
 
-def _check_header(header: Any, data_size: int, path: Path) -> None:
+def _check_header(header: Any, data_size: int, path: str) -> None:
     """Types, dtypes, shapes and offsets of every tensor entry, as safetensors defines them:
     the entries' byte ranges tile the data section exactly."""
     if not isinstance(header, dict):
@@ -126,17 +131,14 @@ def _check_header(header: Any, data_size: int, path: Path) -> None:
         raise _corrupt_header(path, f"its tensors take {position} bytes but the file holds {data_size}")
 
 
-def read_safetensors_header(path: str | Path) -> dict[str, Any]:
+def read_safetensors_header(location: Location) -> dict[str, Any]:
     """The JSON header of a safetensors file, checked (no tensor bytes are read)."""
-    path = Path(path)
-    fd = open_regular(path, follow_symlinks=True)
-    try:
-        return _read_header_fd(fd, path)
-    finally:
-        os.close(fd)
+    backend, name = split_file_location(location)
+    with _opened(backend, name, follow_symlinks=True) as f:
+        return _read_header(f)
 
 
-def _decode_safetensors_metadata(metadata: dict[str, str], path: Path) -> dict[str, Any]:
+def _decode_safetensors_metadata(metadata: dict[str, str], path: str) -> dict[str, Any]:
     try:
         json_keys = json.loads(metadata.get(SAFETENSORS_METADATA_MARKER, "[]"))
         if not isinstance(json_keys, list) or not all(isinstance(k, str) for k in json_keys):
@@ -151,44 +153,48 @@ def _decode_safetensors_metadata(metadata: dict[str, str], path: Path) -> dict[s
     return result
 
 
-def _open(path: Path, follow_symlinks: bool) -> int:
-    try:
-        return open_regular(path, follow_symlinks=follow_symlinks)
-    except FileNotFoundError:
-        raise FileNotFoundError(2, f"checkpoint file {path} does not exist", str(path)) from None
+def _opened(backend: Backend, name: str, follow_symlinks: bool) -> OpenedFile:
+    return backend.open(name, follow_symlinks=follow_symlinks)
 
 
 def load_file(
-    path: str | Path, map_location: Any = "cpu", mmap: bool = False, follow_symlinks: bool = True
+    location: Location, map_location: Any = "cpu", mmap: bool = False, follow_symlinks: bool = True
 ) -> Any:
     """Loads a `.th` or `.safetensors` checkpoint safely; safetensors returns the same dict
     shape as a `.th` weights file (`state_dict` plus the metadata keys).
 
     `follow_symlinks=False` refuses a path that is a symbolic link (files of a run folder).
     """
-    path = Path(path)
-    fd = _open(path, follow_symlinks)
+    backend, name = split_file_location(location)
+    with _opened(backend, name, follow_symlinks) as f:
+        return load_opened(f, map_location, mmap)
+
+
+def load_opened(f: OpenedFile, map_location: Any = "cpu", mmap: bool = False) -> Any:
+    """`load_file` of a file already opened through its backend."""
+    if format_of_path(f.name) != "safetensors":
+        return _torch_load(f, map_location, mmap)
+    from safetensors.torch import load as st_load_bytes
+    from safetensors.torch import load_file as st_load
+
+    metadata = _read_header(f).get("__metadata__") or {}
+    device = (
+        "cpu"
+        if map_location is None or not isinstance(map_location, (str, torch.device))
+        else str(map_location)
+    )
+    local = f.local_path()
     try:
-        if format_of_path(path) != "safetensors":
-            return _torch_load(fd, path, map_location, mmap)
-        from safetensors.torch import load_file as st_load
-
-        metadata = _read_header_fd(fd, path).get("__metadata__") or {}
-        device = (
-            "cpu"
-            if map_location is None or not isinstance(map_location, (str, torch.device))
-            else str(map_location)
-        )
-        try:
-            state_dict = st_load(pinned_path(fd, path), device=device)
-        except Exception as e:  # safetensors raises its own error types
-            raise CorruptCheckpointError(f"cannot read {path}: {str(e).splitlines()[0]}") from e
-        return {"state_dict": state_dict, **_decode_safetensors_metadata(metadata, path)}
-    finally:
-        os.close(fd)
+        if local is not None:
+            state_dict = st_load(local, device=device)
+        else:
+            state_dict = {k: v.to(device) for k, v in st_load_bytes(f.read_at(0, f.size)).items()}
+    except Exception as e:  # safetensors raises its own error types
+        raise CorruptCheckpointError(f"cannot read {f.location}: {str(e).splitlines()[0]}") from e
+    return {"state_dict": state_dict, **_decode_safetensors_metadata(metadata, f.location)}
 
 
-def read_metadata(path: str | Path) -> dict[str, Any]:
+def read_metadata(location: Location) -> dict[str, Any]:
     """Everything in a checkpoint except tensor data: tensors become `{shape, dtype, nbytes}`.
 
     `.th` files are memory-mapped, so tensor bytes are never read; safetensors files are read
@@ -196,12 +202,11 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     levels, `MAX_DESCRIBED_CHARS` characters per string and `MAX_DESCRIBED_TOTAL_CHARS` in all
     are described; what is left out is replaced by a string saying so.
     """
-    path = Path(path)
-    fd = _open(path, follow_symlinks=True)
-    try:
-        if format_of_path(path) == "safetensors":
-            header = _read_header_fd(fd, path)
-            meta = _decode_safetensors_metadata(header.get("__metadata__") or {}, path)
+    backend, name = split_file_location(location)
+    with _opened(backend, name, follow_symlinks=True) as f:
+        if format_of_path(name) == "safetensors":
+            header = _read_header(f)
+            meta = _decode_safetensors_metadata(header.get("__metadata__") or {}, f.location)
             tensors = {}
             for key, info in header.items():
                 if key != "__metadata__":
@@ -211,10 +216,10 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
                         "dtype": info["dtype"],
                         "nbytes": end - start,
                     }
-            return _describe({"state_dict": tensors, **meta}, _Budget())
-        return _describe(_torch_load(fd, path, "cpu", mmap=True), _Budget())
-    finally:
-        os.close(fd)
+            described: dict[str, Any] = _describe({"state_dict": tensors, **meta}, _Budget())
+            return described
+        payload = _describe(_torch_load(f, "cpu", mmap=True), _Budget())
+        return payload if isinstance(payload, dict) else {"value": payload}
 
 
 class _Budget:

@@ -14,30 +14,39 @@ Unknown extra keys are ignored, so a newer ksuit may add fields without breaking
 from __future__ import annotations
 
 import json
-import os
-import stat
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 import pydantic_core
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
-from ksuit.layout import KINDS, manifest_filename, parse_checkpoint_filename, parse_manifest_filename
-from ksuit.storage.atomic import CHECKSUM_ALGORITHM
+from ksuit.layout import KINDS, manifest_filename, parse_checkpoint_filename
+from ksuit.storage.backend import Backend, Entry, Location
 from ksuit.storage.errors import CorruptCheckpointError, UnsafeCheckpointError
-from ksuit.storage.safe_files import hash_fd, not_regular_problem, open_regular, read_regular
 
+CHECKSUM_ALGORITHM = "xxh3_64"
 MANIFEST_VERSION = 1
 MAX_MANIFEST_BYTES = 16 << 20  # ~100k files per set
 
 
 @dataclass
 class ManifestEntry:
+    """One file of a set. `role` (model, optim, trainer) is stored under the JSON key `kind`, as
+    ksuit 0.1 wrote it."""
+
     size: int
     checksum: str
-    kind: str | None = None
+    role: str | None = None
     training_iteration: dict[str, int] | None = None
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "size": self.size,
+            "checksum": self.checksum,
+            "kind": self.role,
+            "training_iteration": self.training_iteration,
+        }
 
 
 @dataclass
@@ -57,6 +66,7 @@ class Manifest:
 
     def to_json(self) -> str:
         data = asdict(self)
+        data["files"] = {name: entry.to_dict() for name, entry in self.files.items()}
         return json.dumps(data, indent=1, sort_keys=True)
 
     @classmethod
@@ -76,7 +86,10 @@ class Manifest:
             schema = _ManifestSchema.model_validate(data)
         except ValidationError as e:
             raise _invalid(source, _first_errors(e)) from None
-        files = {name: ManifestEntry(**entry.model_dump()) for name, entry in schema.files.items()}
+        files = {
+            name: ManifestEntry(e.size, e.checksum, e.kind, e.training_iteration)
+            for name, e in schema.files.items()
+        }
         return cls(files=files, **schema.model_dump(exclude={"files"}))
 
     def iterations(self) -> set[str]:
@@ -118,6 +131,7 @@ class _ManifestSchema(BaseModel):
     files: dict[Annotated[str, AfterValidator(check_entry_name)], _EntrySchema]
     training_iteration: _Iteration | None = None
     run_id: str | None = None
+    commit_sequence: Annotated[int, Field(ge=0)] | None = None
     version: Annotated[int, Field(ge=1, le=MANIFEST_VERSION)] = MANIFEST_VERSION
     checksum_algorithm: Literal["xxh3_64"] = CHECKSUM_ALGORITHM
 
@@ -140,73 +154,63 @@ def _invalid(source: str, problem: str) -> CorruptCheckpointError:
     )
 
 
-def read_manifest(path: str | Path) -> Manifest:
-    """Reads and validates a manifest; it must be a regular file (links are not followed).
+def read_manifest(folder: Backend | Location, name: str | None = None) -> Manifest:
+    """Reads and validates the manifest `name` of a folder (or, without `name`, the manifest at
+    the location `folder`); it must be a regular file (links are not followed).
 
-    Raises `CorruptCheckpointError` or `UnsafeCheckpointError` naming the file, or
-    `FileNotFoundError`.
+    Raises `CorruptCheckpointError` naming the file, or `FileNotFoundError`.
     """
-    path = Path(path)
+    from ksuit.storage.locations import open_backend, split_file_location  # local backends use this module
+
+    if name is None:
+        if isinstance(folder, Backend):
+            raise TypeError("read_manifest(backend) needs the manifest's name")
+        backend, name = split_file_location(folder)
+    else:
+        backend = open_backend(folder)
     try:
-        data = read_regular(path, MAX_MANIFEST_BYTES, "manifest", follow_symlinks=False)
+        data = backend.read_small(name, MAX_MANIFEST_BYTES, "manifest")
     except UnsafeCheckpointError as e:
         raise CorruptCheckpointError(str(e)) from None
-    return Manifest.from_json(data, source=str(path))
+    return Manifest.from_json(data, source=backend.file_location(name))
 
 
-def list_manifests(folder: str | Path) -> list[Path]:
-    folder = Path(folder)
-    return sorted(p for p in folder.iterdir() if parse_manifest_filename(p.name) is not None)
+def verify_file(
+    folder: Backend | Location,
+    name: str,
+    entry: ManifestEntry,
+    checksum: bool = True,
+    entries: Mapping[str, Entry] | None = None,
+) -> str | None:
+    """None if the file matches its manifest entry; otherwise what is wrong with it.
 
-
-def verify_file(folder: str | Path, name: str, entry: ManifestEntry, checksum: bool = True) -> str | None:
-    """None if the file matches its entry; otherwise what is wrong with it.
-
-    Only a regular file directly in `folder` is looked at: a name that is not a plain file name,
-    a symbolic link (wherever it points), a FIFO or a device is a problem, never opened.
+    Only a regular file of the folder is looked at: a name that is not a plain file name, a
+    symbolic link (wherever it points), a FIFO or a device is a problem, never opened.
+    `entries` (the folder's listing, when the caller has it) saves a look at the folder.
     """
     try:
         check_entry_name(name)
     except ValueError as e:
         return str(e)
-    path = Path(folder) / name
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
+    from ksuit.storage.locations import open_backend  # local backends use this module
+
+    backend = open_backend(folder)
+    if entries is None:
+        entries = {e.name: e for e in backend.entries()}
+    found = entries.get(name)
+    if found is None:
         return "missing"
-    if not stat.S_ISREG(st.st_mode):
-        return not_regular_problem(st.st_mode)
-    if st.st_size != entry.size:
-        return f"size {st.st_size} != {entry.size} in manifest"
+    if found.problem is not None:
+        return found.problem
+    if found.size != entry.size:
+        return f"size {found.size} != {entry.size} in manifest"
     if checksum:
-        try:
-            fd = open_regular(path, follow_symlinks=False)
-        except (UnsafeCheckpointError, OSError) as e:
-            return str(e)
-        try:
-            size, digest = hash_fd(fd)
-        finally:
-            os.close(fd)
+        hashed = backend.checksum(name)
+        if hashed is None:
+            return "missing or no longer a regular file"
+        size, digest = hashed
         if size != entry.size:
             return f"size {size} != {entry.size} in manifest"
         if digest != entry.checksum:
             return f"checksum {digest} != {entry.checksum} in manifest"
     return None
-
-
-def manifest_problems(folder: str | Path, manifest: Manifest, checksum: bool = True) -> dict[str, str]:
-    """`{file name: problem}` for every file of the set that does not match."""
-    problems = {}
-    for name, entry in manifest.files.items():
-        problem = verify_file(folder, name, entry, checksum=checksum)
-        if problem is not None:
-            problems[name] = problem
-    return problems
-
-
-def entry_from_dict(data: dict[str, Any]) -> ManifestEntry:
-    """A validated entry from its JSON form."""
-    try:
-        return ManifestEntry(**_EntrySchema.model_validate(data).model_dump())
-    except ValidationError as e:
-        raise _invalid("manifest entry", _first_errors(e)) from None

@@ -19,14 +19,14 @@ directory and `data.pkl` (bounded) and refuses, naming the file:
 
 from __future__ import annotations
 
-import os
 import struct
+import zipfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
+from ksuit.storage.backend import OpenedFile
 from ksuit.storage.errors import CorruptCheckpointError, UnsafeCheckpointError
 from ksuit.storage.safe_pickle import (
     GlobalRule,
@@ -46,7 +46,6 @@ HINT = (
     "torch.load(..., weights_only=False) and re-save the plain state"
 )
 _LEGACY_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
-_U32, _U16 = 0xFFFFFFFF, 0xFFFF
 _ENCODINGS = {"latin1", "latin-1", "utf-8", "utf8", "ascii"}
 
 
@@ -236,7 +235,7 @@ class ZipRecord:
     size: int
 
 
-def _corrupt(path: Path, problem: str) -> CorruptCheckpointError:
+def _corrupt(path: str, problem: str) -> CorruptCheckpointError:
     """A damaged archive: `problem` says what; the fix is another checkpoint."""
     return CorruptCheckpointError(
         f"cannot read {path}: the file is truncated or corrupt ({problem}); "
@@ -244,7 +243,7 @@ def _corrupt(path: Path, problem: str) -> CorruptCheckpointError:
     )
 
 
-def _not_a_zip(path: Path, head: bytes) -> CorruptCheckpointError:
+def _not_a_zip(path: str, head: bytes) -> CorruptCheckpointError:
     if head.startswith(_LEGACY_MAGIC):
         return CorruptCheckpointError(
             f"cannot read {path}: it is in torch's legacy (pre-1.6) format, which ksuit does not read; "
@@ -259,125 +258,65 @@ def _not_a_zip(path: Path, head: bytes) -> CorruptCheckpointError:
     )
 
 
-def _pread(fd: int, size: int, offset: int) -> bytes:
-    return os.pread(fd, size, offset) if size > 0 else b""
-
-
-def _end_record(fd: int, file_size: int, path: Path) -> tuple[int, int, int]:
-    """`(entries, central directory size, central directory offset)`; zip64 aware."""
-    tail_size = min(file_size, 22 + 0xFFFF)
-    tail = _pread(fd, tail_size, file_size - tail_size)
-    pos = tail.rfind(b"PK\x05\x06")
-    # the end record is the one whose comment runs exactly to the end of the file
-    while pos >= 0 and (
-        pos + 22 > len(tail) or pos + 22 + struct.unpack_from("<H", tail, pos + 20)[0] != len(tail)
-    ):
-        pos = tail.rfind(b"PK\x05\x06", 0, pos)
-    if pos < 0:
-        raise _not_a_zip(path, _pread(fd, 16, 0))
-    _, disk, cd_disk, n_disk, n, cd_size, cd_offset, _ = struct.unpack_from("<4s4H2LH", tail, pos)
-    end = file_size - tail_size + pos
-    if end >= 20:
-        locator = _pread(fd, 20, end - 20)
-        if locator[:4] == b"PK\x06\x07":
-            _, _, eocd64_offset, _ = struct.unpack("<4sLQL", locator)
-            record = _pread(fd, 56, eocd64_offset) if eocd64_offset + 56 <= end - 20 else b""
-            if len(record) != 56 or record[:4] != b"PK\x06\x06":
-                raise _corrupt(path, "its zip64 end record is missing or damaged")
-            _, _, _, _, disk, cd_disk, n_disk, n, cd_size, cd_offset = struct.unpack("<4sQ2H2L4Q", record)
-            end = eocd64_offset
-    if disk != 0 or cd_disk != 0 or n_disk != n:
-        raise _corrupt(path, "it is a multi-part zip archive")
-    if cd_offset + cd_size > end or n * 46 > cd_size:
-        raise _corrupt(path, "its zip directory reaches past the file (truncated or damaged)")
-    return n, cd_size, cd_offset
-
-
-def _zip64_values(extra: bytes, wanted: list[str]) -> dict[str, int]:
-    pos = 0
-    while pos + 4 <= len(extra):
-        tag, size = struct.unpack_from("<HH", extra, pos)
-        if tag == 1:
-            fields = extra[pos + 4 : pos + 4 + size]
-            if len(fields) < 8 * len(wanted):
-                break
-            return dict(zip(wanted, struct.unpack_from(f"<{len(wanted)}Q", fields), strict=True))
-        pos += 4 + size
-    raise ValueError("zip64 sizes missing")
-
-
-def read_zip_directory(fd: int, path: Path) -> tuple[dict[str, ZipRecord], int]:
-    """`({name: record}, central directory offset)` of a STORED zip archive, checked."""
-    file_size = os.fstat(fd).st_size
-    if file_size < 22:
-        raise _not_a_zip(path, _pread(fd, 16, 0))
-    n, cd_size, cd_offset = _end_record(fd, file_size, path)
-    cd = _pread(fd, cd_size, cd_offset)
+def read_zip_directory(f: OpenedFile) -> dict[str, ZipRecord]:
+    """`{name: record}` of a STORED zip archive, checked: no compressed or encrypted record, no
+    record past the archive, no two records overlapping or sharing a name. Only the zip's
+    directory is read (by `zipfile`); no record is inflated."""
+    path = f.location
+    head = f.read_at(0, 16)
+    try:
+        with f.stream() as raw, zipfile.ZipFile(raw) as archive:
+            infos = archive.infolist()
+            cd_offset = archive.start_dir
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, OverflowError, EOFError, struct.error) as e:
+        if not head.startswith(b"PK"):
+            raise _not_a_zip(path, head) from None
+        raise _corrupt(path, f"its zip directory is damaged ({str(e)[:100]})") from None
     records: dict[str, ZipRecord] = {}
-    pos = 0
-    for _ in range(n):
-        if len(cd) < pos + 46 or cd[pos : pos + 4] != b"PK\x01\x02":
-            raise _corrupt(path, "its zip directory is damaged")
-        (_, _, _, flags, method, _, _, _, csize, size, nlen, elen, clen, _, _, _, offset) = (
-            struct.unpack_from("<4s6H3L5H2L", cd, pos)
-        )
-        raw_name = cd[pos + 46 : pos + 46 + nlen]
-        extra = cd[pos + 46 + nlen : pos + 46 + nlen + elen]
-        pos += 46 + nlen + elen + clen
-        try:
-            name = raw_name.decode("utf-8")
-            wanted = [k for k, v in (("size", size), ("csize", csize), ("offset", offset)) if v == _U32]
-            if wanted:
-                big = _zip64_values(extra, wanted)
-                size, csize, offset = (
-                    big.get("size", size),
-                    big.get("csize", csize),
-                    big.get("offset", offset),
-                )
-        except ValueError as e:
-            raise _corrupt(path, f"a zip directory entry is damaged ({e})") from None
-        if method != 0 or flags & 1:
+    for info in infos:
+        name = info.filename
+        if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 1:
             raise UnsafeCheckpointError(
                 f"refusing to load {path}: its record {name!r} is "
-                f"{'encrypted' if flags & 1 else 'compressed'}; torch.save and ksuit write every record "
-                "uncompressed, and inflating records of unknown size can exhaust memory. Re-save the file "
-                "with torch.save"
+                f"{'encrypted' if info.flag_bits & 1 else 'compressed'}; torch.save and ksuit write every "
+                "record uncompressed, and inflating records of unknown size can exhaust memory. Re-save "
+                "the file with torch.save"
             )
-        if csize != size or offset + 30 + nlen + size > cd_offset:
+        size = info.file_size
+        if info.compress_size != size or info.header_offset + 30 + len(name.encode()) + size > cd_offset:
             raise _corrupt(path, f"its record {name!r} claims {size} bytes, more than the archive holds")
         if name in records:
             raise _corrupt(path, f"its record {name!r} appears twice")
-        records[name] = ZipRecord(name, offset, size)
-    if pos > cd_size:
-        raise _corrupt(path, "its zip directory is damaged")
+        records[name] = ZipRecord(name, info.header_offset, size)
     previous_end = 0
     for record in sorted(records.values(), key=lambda r: r.header_offset):
         if record.header_offset < previous_end:
             raise _corrupt(path, f"its record {record.name!r} overlaps another record")
         previous_end = record.header_offset + 30 + len(record.name.encode()) + record.size
-    return records, cd_offset
+    return records
 
 
-def _record_bytes(fd: int, record: ZipRecord, limit: int, path: Path) -> bytes:
-    header = _pread(fd, 30, record.header_offset)
+def _record_bytes(f: OpenedFile, record: ZipRecord) -> bytes:
+    path = f.location
+    header = f.read_at(record.header_offset, 30)
     if len(header) != 30 or header[:4] != b"PK\x03\x04":
         raise _corrupt(path, f"the local header of {record.name!r} is damaged")
     method, nlen, elen = struct.unpack_from("<H", header, 8)[0], *struct.unpack_from("<HH", header, 26)
     if method != 0:
         raise _corrupt(path, f"the local header of {record.name!r} disagrees with the zip directory")
     start = record.header_offset + 30 + nlen + elen
-    if start + record.size > limit:
+    if start + record.size > f.size:
         raise _corrupt(path, f"record {record.name!r} reaches past the archive")
-    data = _pread(fd, record.size, start)
+    data = f.read_at(start, record.size) if record.size else b""
     if len(data) != record.size:
         raise _corrupt(path, f"record {record.name!r} is truncated")
     return data
 
 
-def check_torch_archive(fd: int, path: str | Path) -> None:
+def check_torch_archive(f: OpenedFile) -> None:
     """Refuses (see the module docstring) what `torch.load(weights_only=True)` should not see."""
-    path = Path(path)
-    records, cd_offset = read_zip_directory(fd, path)
+    path = f.location
+    records = read_zip_directory(f)
     if not records:
         raise _corrupt(path, "its zip archive is empty")
     prefix = next(iter(records)).split("/", 1)[0]
@@ -391,7 +330,7 @@ def check_torch_archive(fd: int, path: str | Path) -> None:
             f"refusing to load {path}: its data.pkl is {data_pkl.size} bytes, more than the "
             f"{MAX_PICKLE_BYTES} bytes allowed{HINT}"
         )
-    result = scan_pickle(_record_bytes(fd, data_pkl, cd_offset, path), TORCH_POLICY, str(path))
+    result = scan_pickle(_record_bytes(f, data_pkl), TORCH_POLICY, path)
     for _, storage_type, key, _, numel in result.persistent_ids:
         record = records.get(f"{prefix}/data/{key}")
         nbytes = numel * STORAGE_ITEMSIZE[storage_type]

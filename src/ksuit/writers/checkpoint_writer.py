@@ -1,7 +1,8 @@
 """`CheckpointWriter`: writes a model, its optimizers and the trainer as a structured set of files.
 
-File names come from `ksuit.layout`; bytes reach the disk through `ksuit.storage` (atomic,
-checksummed, optionally asynchronous). This module only decides *what* is written.
+File names come from `ksuit.layout`; bytes reach the medium through a `ksuit.storage` backend
+(atomic, checksummed, optionally asynchronous). This module only decides *what* is written: the
+save plan is `ksuit.writers.plan`, the payloads `ksuit.writers.payload`.
 """
 
 from __future__ import annotations
@@ -10,28 +11,28 @@ import contextlib
 import enum
 import logging
 from collections.abc import Iterator
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-from ksuit.layout import (
-    LATEST,
-    checkpoint_filename,
-    parse_checkpoint_filename,
-    validate_output_name,
-    validate_tag,
-)
-from ksuit.models.base import CompositeModel, ModelBase, unwrap_check
+from ksuit.layout import checkpoint_filename, parse_checkpoint_filename, validate_output_name, validate_tag
+from ksuit.models.base import ModelBase, unwrap_check
+from ksuit.models.selection import select_leaves
 from ksuit.schemas.models import ModelBaseConfig
-from ksuit.storage.async_writer import AsyncSetWriter
+from ksuit.storage import AsyncSetWriter, PendingFile, SetSink, SetWriter, WrittenFile, open_backend
 from ksuit.storage.formats import format_of_path, get_format
-from ksuit.storage.transaction import PendingFile, SetWriter, WrittenFile
+from ksuit.storage.snapshot import SnapshotPool
 from ksuit.utils.distributed import is_rank0
-from ksuit.writers.payload import check_plain, check_state_dict
+from ksuit.writers.payload import check_state_dict, model_payload
+from ksuit.writers.plan import SaveSpec
 
 if TYPE_CHECKING:
     from ksuit.providers import PathProvider
-    from ksuit.trainers import BaseTrainer
     from ksuit.utils.training import UpdateCounter
+
+
+class SupportsStateDict(Protocol):
+    """What the writer needs of a trainer: its resume state (`ksuit.trainers.BaseTrainer`)."""
+
+    def state_dict(self) -> dict[str, Any]: ...
 
 
 class CheckpointKeys(enum.StrEnum):
@@ -56,13 +57,6 @@ class CheckpointKeys(enum.StrEnum):
     """The state dicts of the callbacks."""
     GRAD_SCALER = "grad_scaler"
     """The state dict of the grad scaler (if used)."""
-
-
-_RESERVED_EXTRA = {
-    CheckpointKeys.TRAINING_ITERATION,
-    CheckpointKeys.RUN_ID,
-    CheckpointKeys.CONFIG_KIND,
-}
 
 
 class CheckpointWriter:
@@ -109,8 +103,7 @@ class CheckpointWriter:
         self.async_save = bool(async_save)
         self.max_pending = max_pending
         self.format = format
-        self._sync_writer: SetWriter | None = None
-        self._async_writer: AsyncSetWriter | None = None
+        self._sink: SetSink | None = None
         self._batch: list[PendingFile] | None = None
 
     # ---- public API -------------------------------------------------------------------------
@@ -138,12 +131,11 @@ class CheckpointWriter:
         validate_tag(checkpoint_tag)
         payload = self._model_payload(state_dict, checkpoint_tag, model_config, extra)
         parsed = parse_checkpoint_filename(output_name)
-        fmt = format_of_path(output_name)
         pending = PendingFile(
             filename=output_name,
             payload=payload,
-            fmt=fmt,
-            kind=parsed.kind if parsed else "model",
+            fmt=format_of_path(output_name),
+            role=parsed.kind if parsed else "model",
             group=parsed.group if parsed else None,
             tag=parsed.tag if parsed else None,
             training_iteration=payload[CheckpointKeys.TRAINING_ITERATION],
@@ -155,7 +147,7 @@ class CheckpointWriter:
         self,
         model: ModelBase,
         checkpoint_tag: str,
-        trainer: BaseTrainer | None = None,
+        trainer: SupportsStateDict | None = None,
         save_weights: bool = True,
         save_optim: bool = True,
         save_latest_weights: bool = False,
@@ -179,42 +171,53 @@ class CheckpointWriter:
             model_names_to_save: If defined, only store some of the submodels of a CompositeModel.
             save_frozen_weights: If true, also stores the weights of frozen models.
         """
+        spec = SaveSpec(
+            save_weights=save_weights,
+            save_optim=save_optim,
+            save_latest_weights=save_latest_weights,
+            save_latest_optim=save_latest_optim,
+            model_names_to_save=model_names_to_save,  # type: ignore[arg-type]  # SaveSpec checks it
+            save_frozen_weights=save_frozen_weights,
+        )
+        self.save_spec(model, checkpoint_tag, spec, trainer)
+
+    def save_spec(
+        self,
+        model: ModelBase,
+        checkpoint_tag: str,
+        spec: SaveSpec,
+        trainer: SupportsStateDict | None = None,
+    ) -> None:
+        """`save` with its options as one `SaveSpec` (what the trainer and callbacks pass)."""
         unwrap_check(model)
         validate_tag(checkpoint_tag)
         if trainer is not None and not callable(getattr(trainer, "state_dict", None)):
             raise TypeError(f"trainer must have a state_dict() method, got {type(trainer).__name__}")
-        leaves = self.select_leaves(model, model_names_to_save)
+        leaves = select_leaves(model, spec.model_names_to_save)
         # every rank takes part: trainer.state_dict() may gather RNG states collectively
         trainer_state = trainer.state_dict() if trainer is not None else None
         if trainer_state is not None:
             check_state_dict(trainer_state, where="trainer.state_dict()")
         if not is_rank0():
             return
-
-        plans = [(checkpoint_tag, save_weights, save_optim)]
-        if save_latest_weights or save_latest_optim:
-            if checkpoint_tag == LATEST:
-                plans = [(LATEST, save_weights or save_latest_weights, save_optim or save_latest_optim)]
-            else:
-                plans.append((LATEST, save_latest_weights, save_latest_optim))
-
         iteration = dict(self.update_counter.cur_iteration)
         files: list[PendingFile] = []
-        for tag, want_weights, want_optim in plans:
+        for plan in spec.plan(checkpoint_tag, with_trainer=trainer_state is not None):
+            tag = plan.tag
             for name, leaf in leaves:
-                if want_weights and (save_frozen_weights or not leaf.is_frozen):
+                if plan.weights and (spec.save_frozen_weights or not leaf.is_frozen):
                     payload = self._model_payload(leaf.state_dict(), tag, leaf.model_config, {})
                     filename = checkpoint_filename(name, tag, "model", fmt=self.format)
                     files.append(
                         PendingFile(filename, payload, self.format, "model", model.name, tag, iteration)
                     )
-                if want_optim and leaf.optimizer is not None:
-                    optim_state = leaf.optimizer.state_dict()
+                if plan.optim and leaf.optimizer is not None:
                     filename = checkpoint_filename(name, tag, "optim")
+                    optim_state = leaf.optimizer.state_dict()
                     files.append(
                         PendingFile(filename, optim_state, "torch", "optim", model.name, tag, iteration)
                     )
-            if trainer_state is not None and (tag == checkpoint_tag or want_weights or want_optim):
+            if plan.trainer and trainer_state is not None:
                 filename = checkpoint_filename(model.name, tag, "trainer")
                 files.append(
                     PendingFile(filename, trainer_state, "torch", "trainer", model.name, tag, iteration)
@@ -253,20 +256,29 @@ class CheckpointWriter:
 
     def flush(self) -> None:
         """Blocks until every pending asynchronous save is on disk; re-raises a failed one."""
-        if self._async_writer is not None:
-            self._async_writer.flush()
+        if self._sink is not None:
+            self._sink.flush()
 
     def close(self) -> None:
         """Flushes and stops the background writer (a later save starts a new one)."""
-        if self._async_writer is not None:
-            writer, self._async_writer = self._async_writer, None
-            writer.close()
+        if self._sink is not None:
+            sink, self._sink = self._sink, None
+            sink.close()
+
+    @property
+    def snapshot_pool(self) -> SnapshotPool | None:
+        """The snapshot buffers of the asynchronous writer (None before its first save and for
+        synchronous saving): how much host memory async saving holds."""
+        return self._sink.pool if isinstance(self._sink, AsyncSetWriter) else None
 
     def __enter__(self) -> CheckpointWriter:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    # select_leaves lives in ksuit.models; kept here for callers of ksuit 0.1
+    select_leaves = staticmethod(select_leaves)
 
     # ---- internals --------------------------------------------------------------------------
     def _model_payload(
@@ -276,55 +288,25 @@ class CheckpointWriter:
         model_config: ModelBaseConfig | None,
         extra: dict[str, Any],
     ) -> dict[str, Any]:
-        check_state_dict(state_dict)
-        reserved = sorted(k for k in extra if k in _RESERVED_EXTRA)
-        if reserved:
-            raise ValueError(f"extra keys {reserved} are reserved: ksuit fills them in itself")
-        check_plain(extra, "extra")
-        payload: dict[str, Any] = {
-            CheckpointKeys.STATE_DICT.value: state_dict,
-            CheckpointKeys.CHECKPOINT_TAG.value: checkpoint_tag,
-            CheckpointKeys.TRAINING_ITERATION.value: dict(self.update_counter.cur_iteration),
-            CheckpointKeys.RUN_ID.value: self.path_provider.run_id,
-        }
-        if model_config is not None:
-            if not isinstance(model_config, ModelBaseConfig):
-                raise TypeError(
-                    f"model_config must be a ModelBaseConfig instance, got {type(model_config).__name__}"
-                )
-            try:
-                payload[CheckpointKeys.MODEL_CONFIG.value] = model_config.model_dump(mode="json")
-            except Exception as e:
-                raise RuntimeError(f"could not serialize model_config of '{model_config.name}': {e}") from e
-            payload[CheckpointKeys.CONFIG_KIND.value] = model_config.config_kind
-        payload.update({str(k): v for k, v in extra.items()})
-        return payload
+        return model_payload(
+            state_dict,
+            checkpoint_tag,
+            dict(self.update_counter.cur_iteration),
+            self.path_provider.run_id,
+            model_config,
+            extra,
+        )
 
-    @staticmethod
-    def select_leaves(model: ModelBase, names: list[str] | None) -> list[tuple[str, ModelBase]]:
-        """`(file name, leaf)` of the leaves `names` selects: submodel keys (`encoder`,
-        `backbone.encoder`) or full names (`autoencoder.encoder`); a composite's name selects
-        every leaf below it; None selects all. Unknown names are a ValueError listing the valid ones."""
-        leaves = list(model.iter_leaves())
-        if names is None:
-            return leaves
-        if isinstance(names, str) or not all(isinstance(n, str) for n in names):
-            raise TypeError(f"model_names_to_save must be a list of str, got {names!r}")
-        # a name selects a leaf or every leaf below a composite, by key path or by full name
-        selectable: dict[str, list[str]] = {model.name: [n for n, _ in leaves]}
-        if isinstance(model, CompositeModel):
-            for key, full, _sub in model.iter_submodels():
-                below = [n for n, _ in leaves if n == full or n.startswith(full + ".")]
-                selectable[key] = below
-                selectable[full] = below
-        unknown = [n for n in names if n not in selectable]
-        if unknown:
-            known = ", ".join(sorted(selectable))
-            raise ValueError(
-                f"unknown submodel {', '.join(repr(u) for u in unknown)} of '{model.name}'; known: {known}"
-            )
-        wanted = {leaf for n in names for leaf in selectable[n]}
-        return [(n, leaf) for n, leaf in leaves if n in wanted]
+    def _set_sink(self) -> SetSink:
+        """The set writer of the run's checkpoint folder: synchronous, or asynchronous around it
+        (chosen once; a new one when the folder changed)."""
+        location = self.path_provider.checkpoint_path
+        if self._sink is not None and self._sink.backend.location != str(location):
+            self.close()
+        if self._sink is None:
+            writer = SetWriter(open_backend(location))
+            self._sink = AsyncSetWriter(writer, self.max_pending) if self.async_save else writer
+        return self._sink
 
     def _submit(self, files: list[PendingFile]) -> None:
         if not files:
@@ -332,19 +314,8 @@ class CheckpointWriter:
         if self._batch is not None:
             self._batch.extend(files)
             return
-        folder = Path(self.path_provider.checkpoint_path)
-        run_id = self.path_provider.run_id
-        if self.async_save:
-            if self._async_writer is None or self._async_writer.folder != folder:
-                if self._async_writer is not None:
-                    self._async_writer.close()
-                self._async_writer = AsyncSetWriter(folder, self.max_pending)
-            self._async_writer.submit(files, run_id, on_written=self._log_written)
-        else:
-            if self._sync_writer is None or self._sync_writer.folder != folder:
-                self._sync_writer = SetWriter(folder)
-            self._log_written(self._sync_writer.write_set(files, run_id))
+        self._set_sink().write_set(files, self.path_provider.run_id, on_written=self._log_written)
 
     def _log_written(self, written: list[WrittenFile]) -> None:
         for w in written:
-            self.logger.info("wrote %s (%s bytes, %.3fs)", w.path, w.size, w.seconds)
+            self.logger.info("wrote %s (%s bytes, %.3fs)", w.location, w.size, w.seconds)

@@ -1,4 +1,5 @@
-"""Checks that a payload holds only what `torch.load(weights_only=True)` reads back."""
+"""Payloads: the dict of a weights file, and the checks that a payload holds only what
+`torch.load(weights_only=True)` reads back."""
 
 from __future__ import annotations
 
@@ -6,6 +7,11 @@ from collections import OrderedDict
 from typing import Any
 
 import torch
+
+from ksuit.schemas.models import ModelBaseConfig
+
+# keys of a weights file ksuit fills in itself; `extra` may not set them
+RESERVED_EXTRA = frozenset({"training_iteration", "run_id", "config_kind"})
 
 _PLAIN = (str, int, float, bool, type(None), torch.Size, torch.dtype, torch.device)
 
@@ -44,3 +50,39 @@ def check_state_dict(state_dict: Any, where: str = "state_dict") -> None:
         if not isinstance(key, str):
             raise TypeError(f"{where} key {key!r} is a {type(key).__name__}; state dict keys must be str")
     check_plain(state_dict, where)
+
+
+def model_payload(
+    state_dict: dict[str, Any],
+    checkpoint_tag: str,
+    training_iteration: dict[str, int],
+    run_id: str,
+    model_config: ModelBaseConfig | None,
+    extra: dict[str, Any],
+) -> dict[str, Any]:
+    """The dict of a weights file: `{state_dict, checkpoint_tag, training_iteration, run_id,
+    model_config, config_kind, **extra}` (keys of `ksuit.writers.CheckpointKeys`), checked to
+    hold only tensors and plain values."""
+    check_state_dict(state_dict)
+    reserved = sorted(k for k in extra if k in RESERVED_EXTRA)
+    if reserved:
+        raise ValueError(f"extra keys {reserved} are reserved: ksuit fills them in itself")
+    check_plain(extra, "extra")
+    payload: dict[str, Any] = {
+        "state_dict": state_dict,
+        "checkpoint_tag": checkpoint_tag,
+        "training_iteration": dict(training_iteration),
+        "run_id": run_id,
+    }
+    if model_config is not None:
+        if not isinstance(model_config, ModelBaseConfig):
+            raise TypeError(
+                f"model_config must be a ModelBaseConfig instance, got {type(model_config).__name__}"
+            )
+        try:
+            payload["model_config"] = model_config.model_dump(mode="json")
+        except Exception as e:
+            raise RuntimeError(f"could not serialize model_config of '{model_config.name}': {e}") from e
+        payload["config_kind"] = model_config.config_kind
+    payload.update({str(k): v for k, v in extra.items()})
+    return payload

@@ -115,7 +115,8 @@ def hash_fd(fd: int, chunk_size: int = 16 << 20) -> tuple[int, str]:
     """`(size, xxh3-64 hex digest)` of the open file `fd` from its start (the manifest checksum)."""
     h = xxhash.xxh3_64()
     size = 0
-    buf = bytearray(chunk_size)
+    # a small file needs a small buffer (zero-filling 16 MiB costs more than hashing 100 KiB)
+    buf = bytearray(max(1, min(chunk_size, os.fstat(fd).st_size + 1)))
     view = memoryview(buf)
     offset = 0
     while True:
@@ -132,3 +133,16 @@ def _pread_into(fd: int, buf: bytearray, offset: int) -> int:  # pragma: no cove
     data = os.pread(fd, len(buf), offset)
     buf[: len(data)] = data
     return len(data)
+
+
+def hash_regular_file(path: str | Path) -> tuple[int, str] | None:
+    """`(size, xxh3-64 hex digest)` of the regular file `path`, or None when it is missing, a
+    symbolic link (never followed), a folder or any other special file."""
+    try:
+        fd = open_regular(path, follow_symlinks=False)
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError, UnsafeCheckpointError):
+        return None
+    try:
+        return hash_fd(fd)
+    finally:
+        os.close(fd)

@@ -4,7 +4,7 @@ Why: on the machines ksuit was measured on, buffered writes of a large file plus
 about half of what the device takes; writing 16 MiB aligned blocks with O_DIRECT (bypassing
 the page cache) while the next block is being filled gets close to the device's limit.
 
-How it keeps every guarantee of `ksuit.storage.atomic`: `DirectStream` wraps the `HashingSink`
+How it keeps every guarantee of `ksuit.storage.local`: `DirectStream` wraps the `HashingSink`
 of a temporary file. Bytes arrive in file order through `write()`, are copied into one of two
 page-aligned 16 MiB bounce buffers, hashed there (so the xxh3 checksum covers exactly the bytes
 written, in order) and written with `pwrite` on a second, O_DIRECT descriptor of the same
@@ -14,25 +14,28 @@ own buffered descriptor. The sink's byte count, hash and file position are broug
 so the caller's `fsync_and_close()` (which syncs the inode, whatever descriptor wrote it),
 journal and rename are unchanged.
 
-On by default for files of 32 MiB and more; `KSUIT_DIRECT_IO=0` turns it off. Measured on the
-2-core shared VM of the benchmark (full-size state: 1 GiB weights + 2 GiB optimizer files),
-ksuit's sync save took 6.9 s / 6.7 s with it against 12.4 s / 13.1 s buffered (two runs), faster
-than `torch.save`+fsync (11.0 s / 8.8 s). A separate A/B test with one 0.9 GB file measured the
-opposite (0.26 against 0.34 GB/s, medians of 4-5), so the gain depends on the disk's state;
-buffered writes stay one environment variable away.
+On by default for files of 32 MiB and more; `KSUIT_DIRECT_IO=0` turns it off (what it gains is
+measured by `make bench`: the README's performance table).
 Where O_DIRECT is unavailable (tmpfs, some network file systems, other OSes) the stream falls
 back to the sink's buffered writes transparently.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import mmap
 import os
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from typing import Any
+
+from typing_extensions import Buffer
+
+from ksuit.storage.backend import WriteStream
+from ksuit.storage.local.files import HashingSink
 
 BLOCK = 4096
 BOUNCE_BYTES = 16 << 20
@@ -47,15 +50,13 @@ def direct_io_enabled() -> bool:
 
 def _bounce_buffers() -> list[mmap.mmap]:
     """Two page-aligned bounce buffers per thread, kept: touched memory is fast memory."""
-    buffers = getattr(_local, "buffers", None)
+    buffers: list[mmap.mmap] | None = getattr(_local, "buffers", None)
     if buffers is None:
         buffers = _local.buffers = [mmap.mmap(-1, BOUNCE_BYTES) for _ in range(2)]
     return buffers
 
 
-def _can_wrap(sink: Any) -> bool:
-    # a HashingSink of ksuit.storage.atomic: its descriptor, and `account` for bytes written here
-    return all(hasattr(sink, a) for a in ("fileno", "account", "nbytes", "path")) and sink.fileno() >= 0
+_Job = tuple["Future[None]", Callable[..., None], tuple[Any, ...]]
 
 
 class _BlockWriter:
@@ -67,16 +68,18 @@ class _BlockWriter:
     """
 
     def __init__(self) -> None:
-        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
-        thread = threading.Thread(target=self._run, name="ksuit-direct-io", daemon=True)
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        thread: threading.Thread | None = threading.Thread(
+            target=self._run, name="ksuit-direct-io", daemon=True
+        )
         try:
-            thread.start()
+            thread.start()  # type: ignore[union-attr]
         except RuntimeError:  # "can't create new thread at interpreter shutdown"
             thread = None
         self._thread = thread
 
-    def submit(self, fn: Callable[..., None], *args: Any) -> Future:
-        future: Future = Future()
+    def submit(self, fn: Callable[..., None], *args: Any) -> Future[None]:
+        future: Future[None] = Future()
         if self._thread is None:
             _run_job(future, fn, args)
         else:
@@ -95,7 +98,7 @@ class _BlockWriter:
             self._thread = None
 
 
-def _run_job(future: Future, fn: Callable[..., None], args: tuple) -> None:
+def _run_job(future: Future[None], fn: Callable[..., None], args: tuple[Any, ...]) -> None:
     try:
         future.set_result(fn(*args))
     except BaseException as e:  # handed to whoever waits on the future
@@ -111,7 +114,7 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
 class DirectStream:
     """A write-only stream over a `HashingSink` that sends whole aligned blocks with O_DIRECT."""
 
-    def __init__(self, sink: Any):
+    def __init__(self, sink: HashingSink):
         self.sink = sink
         self.start = sink.nbytes
         self.pos = self.start  # file offset of the next byte
@@ -121,12 +124,11 @@ class DirectStream:
         self._current = 0
         self._fill = 0  # bytes in the current bounce buffer
         self._fill_offset = -1  # file offset of the current bounce buffer's first byte
-        self._pending: list[Future | None] = [None, None]
+        self._pending: list[Future[None] | None] = [None, None]
         self._pool = _BlockWriter()
         self.fallback = False
 
-    # sink interface used by the formats
-    def write(self, data: Any) -> int:
+    def write(self, data: Buffer, /) -> int:
         view = memoryview(data).cast("B")
         total = view.nbytes
         if self.pos % BLOCK and self._fill_offset < 0:  # unaligned head: buffered
@@ -157,9 +159,16 @@ class DirectStream:
         return True
 
     def _buffered(self, view: memoryview) -> None:
-        _pwrite_all(self.sink.fileno(), view, self.pos)
+        self._pwrite(self.sink.fileno(), view, self.pos)
         self.sink.account(view)
         self.pos += view.nbytes
+
+    def _pwrite(self, fd: int, view: memoryview, offset: int) -> None:
+        try:
+            _pwrite_all(fd, view, offset)
+        except OSError as e:
+            self.sink.record_error(e)
+            raise
 
     def _submit(self, nbytes: int) -> None:
         """Writes the first `nbytes` (a multiple of BLOCK) of the current buffer in the background
@@ -177,10 +186,11 @@ class DirectStream:
                 _pwrite_all(self._direct_fd, view, offset)
                 return
             except OSError as e:
-                if e.errno != 22:  # EINVAL: this file system takes no O_DIRECT writes
+                if e.errno != errno.EINVAL:  # EINVAL: this file system takes no O_DIRECT writes
+                    self.sink.record_error(e)
                     raise
                 self.fallback = True
-        _pwrite_all(self.sink.fileno(), view, offset)
+        self._pwrite(self.sink.fileno(), view, offset)
 
     def _wait(self, index: int) -> None:
         future, self._pending[index] = self._pending[index], None
@@ -199,55 +209,47 @@ class DirectStream:
                         self._write_block, self._views[self._current][:aligned], self._fill_offset
                     )
                 if tail.nbytes:
-                    _pwrite_all(self.sink.fileno(), tail, tail_offset)
+                    self._pwrite(self.sink.fileno(), tail, tail_offset)
             for i in (0, 1):
                 self._wait(i)
         finally:
-            self._pool.shutdown()
-            os.close(self._direct_fd)
+            self._release()
             os.lseek(self.sink.fileno(), self.pos, os.SEEK_SET)
 
+    def abort(self) -> None:
+        """Stops after a failed write: waits for the block writes in flight (their errors are
+        dropped: the caller is already failing) and releases the descriptor. The caller removes
+        the file."""
+        try:
+            for future in self._pending:
+                if future is not None:
+                    future.exception()
+        finally:
+            self._release()
 
-class _Plain:
-    """The no-op context for sinks that stay buffered."""
-
-    def __init__(self, sink: Any):
-        self.sink = sink
-
-    def __enter__(self) -> Any:
-        return self.sink
-
-    def __exit__(self, *exc: object) -> None:
-        pass
-
-
-class _Direct:
-    def __init__(self, stream: DirectStream):
-        self.stream = stream
-
-    def __enter__(self) -> DirectStream:
-        return self.stream
-
-    def __exit__(self, exc_type: object, *exc: object) -> None:
-        if exc_type is None:
-            self.stream.close()
-        else:  # the caller removes the temporary file; just release the descriptors
-            try:
-                for i in (0, 1):
-                    f = self.stream._pending[i]
-                    if f is not None:
-                        f.exception()
-            finally:
-                self.stream._pool.shutdown()
-                os.close(self.stream._direct_fd)
+    def _release(self) -> None:
+        self._pool.shutdown()
+        if self._direct_fd >= 0:
+            os.close(self._direct_fd)
+            self._direct_fd = -1
 
 
-def open_stream(sink: Any, expected_nbytes: int) -> _Plain | _Direct:
+@contextlib.contextmanager
+def open_stream(sink: HashingSink, expected_nbytes: int) -> Iterator[WriteStream]:
     """`with open_stream(sink, n) as out:` writes through O_DIRECT when it pays off and works
     here, else straight through `sink`."""
-    if expected_nbytes < MIN_DIRECT_BYTES or not direct_io_enabled() or not _can_wrap(sink):
-        return _Plain(sink)
+    stream: DirectStream | None = None
+    if expected_nbytes >= MIN_DIRECT_BYTES and direct_io_enabled():
+        try:
+            stream = DirectStream(sink)
+        except OSError:  # O_DIRECT refused by this file system
+            stream = None
+    if stream is None:
+        yield sink
+        return
     try:
-        return _Direct(DirectStream(sink))
-    except OSError:  # O_DIRECT refused by this file system
-        return _Plain(sink)
+        yield stream
+    except BaseException:
+        stream.abort()
+        raise
+    stream.close()

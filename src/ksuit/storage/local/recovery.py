@@ -1,5 +1,5 @@
 """Recovery: completes committed set switches and discards uncommitted ones (the protocol is in
-`ksuit.storage.atomic`).
+`ksuit.storage.local`).
 
 Run by a writer before its first save in a process and before any save that finds a journal,
 and by resume and `ksuit verify` before they read. Every journal is validated before any is
@@ -29,31 +29,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ksuit.layout import is_journal_filename, is_temp_filename, journal_sequence
-from ksuit.storage.atomic import fsync_dir, hash_regular_file
-from ksuit.storage.journal import Journal, JournalEntry, read_journal
-from ksuit.storage.locking import folder_lock
+from ksuit.storage.backend import PendingSwitch, RecoveryReport
+from ksuit.storage.errors import UnsafeCheckpointError
+from ksuit.storage.local.files import fsync_dir
+from ksuit.storage.local.journal import Journal, JournalEntry, read_journal
+from ksuit.storage.local.locking import folder_lock
+from ksuit.storage.local.safe_files import hash_regular_file, read_regular
+from ksuit.storage.manifest import MAX_MANIFEST_BYTES
 
 logger = logging.getLogger(__name__)
-
-MAX_MANIFEST_BYTES = 64 << 20
-
-
-@dataclass(frozen=True)
-class PendingJournal:
-    """A committed save recovery could not complete; `finals` are the files it would write."""
-
-    name: str
-    finals: frozenset[str]
-    reason: str
-
-
-@dataclass
-class RecoveryReport:
-    rolled_forward: list[str] = field(default_factory=list)  # final names put in place
-    removed_temps: list[str] = field(default_factory=list)
-    discarded: list[str] = field(default_factory=list)  # "<journal>: <why>"
-    pending: list[PendingJournal] = field(default_factory=list)
-    problems: list[str] = field(default_factory=list)  # what recovery could not do, and the fix
 
 
 @dataclass
@@ -114,7 +98,7 @@ def _recover_journal(folder: Path, journal: Journal, report: RecoveryReport, kee
             "`ksuit verify` on the run"
         )
     keep.update(x.temp for x in journal.entries)
-    report.pending.append(PendingJournal(journal.name, frozenset(x.final for x in journal.entries), reason))
+    report.pending.append(PendingSwitch(journal.name, frozenset(x.final for x in journal.entries), reason))
     report.problems.append(reason)
 
 
@@ -164,12 +148,8 @@ def _superseded_manifests(folder: Path, journal: Journal) -> set[str]:
 def manifest_sequence(path: Path) -> int:
     """The commit sequence stamped into a manifest; 0 when it carries none or cannot be read."""
     try:
-        st = os.lstat(path)
-        if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_MANIFEST_BYTES:
-            return 0
-        with open(path, "rb") as f:
-            doc = json.loads(f.read(MAX_MANIFEST_BYTES + 1))
-    except (OSError, ValueError):
+        doc = json.loads(read_regular(path, MAX_MANIFEST_BYTES, "manifest"))
+    except (OSError, ValueError, UnsafeCheckpointError):
         return 0
     seq = doc.get("commit_sequence") if isinstance(doc, dict) else None
     return seq if isinstance(seq, int) and not isinstance(seq, bool) else 0

@@ -1,0 +1,71 @@
+"""What one save writes: the save options as one value (`SaveSpec`) and the tags they expand to
+(`SaveSpec.plan`), a pure function tested on its own."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ksuit.layout import LATEST
+
+
+@dataclass(frozen=True)
+class TagPlan:
+    """The files of one tag: weights and/or optimizer states of the selected leaves, and the
+    trainer file when the save has a trainer."""
+
+    tag: str
+    weights: bool
+    optim: bool
+    trainer: bool
+
+
+@dataclass(frozen=True)
+class SaveSpec:
+    """The options of `CheckpointWriter.save` (the seed's names) as one value, passed as it is
+    by the trainer and the checkpoint callbacks."""
+
+    save_weights: bool = True
+    save_optim: bool = True
+    save_latest_weights: bool = False
+    save_latest_optim: bool = False
+    model_names_to_save: tuple[str, ...] | None = None
+    save_frozen_weights: bool = True
+
+    def __post_init__(self) -> None:
+        names = self.model_names_to_save
+        if names is not None:
+            if isinstance(names, str) or not all(isinstance(n, str) for n in names):
+                raise TypeError(f"model_names_to_save must be a list of str, got {names!r}")
+            object.__setattr__(self, "model_names_to_save", tuple(names))
+
+    @property
+    def writes_latest(self) -> bool:
+        return self.save_latest_weights or self.save_latest_optim
+
+    @property
+    def resumable(self) -> bool:
+        """Whether its sets carry optimizer state, the part only a resume needs."""
+        return self.save_optim or self.save_latest_optim
+
+    def plan(self, checkpoint_tag: str, with_trainer: bool) -> list[TagPlan]:
+        """The tags a save under `checkpoint_tag` writes: the tag itself for `save_weights` /
+        `save_optim`, plus `latest` for `save_latest_*` (one plan when the tag is `latest`). A
+        trainer file goes with the tag asked for, and with `latest` when it gets any file."""
+        plans = [TagPlan(checkpoint_tag, self.save_weights, self.save_optim, with_trainer)]
+        if self.writes_latest:
+            if checkpoint_tag == LATEST:
+                plans = [
+                    TagPlan(
+                        LATEST,
+                        self.save_weights or self.save_latest_weights,
+                        self.save_optim or self.save_latest_optim,
+                        with_trainer,
+                    )
+                ]
+            else:
+                plans.append(TagPlan(LATEST, self.save_latest_weights, self.save_latest_optim, with_trainer))
+        return plans
+
+    def trainer_tags(self, checkpoint_tag: str) -> list[str]:
+        """The tags whose sets get a trainer file (so a resume may start there)."""
+        return [p.tag for p in self.plan(checkpoint_tag, with_trainer=True) if p.trainer]
