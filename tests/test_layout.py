@@ -3,12 +3,12 @@ import pytest
 from ksuit.layout import (
     CheckpointName,
     checkpoint_filename,
+    format_info,
     is_temp_filename,
     manifest_filename,
     parse_checkpoint_filename,
     parse_manifest_filename,
     temp_filename,
-    validate_info,
     validate_name,
     validate_tag,
 )
@@ -53,7 +53,7 @@ def test_checkpoint_filename_builds_contract_names():
     assert checkpoint_filename("autoencoder.encoder", "E10_U200_S800", "model") == (
         "autoencoder.encoder_cp=E10_U200_S800_model.th"
     )
-    assert checkpoint_filename("ae", "latest", "model", info=validate_info({"ema": 0.999})) == (
+    assert checkpoint_filename("ae", "latest", "model", info=format_info({"ema": 0.999})) == (
         "ae_ema=0.999_cp=latest_model.th"
     )
     assert checkpoint_filename("ae", "last", "model", fmt="safetensors") == "ae_cp=last_model.safetensors"
@@ -94,6 +94,6 @@ def test_validate_rejects_non_strings():
         validate_tag(10)
 
 
-def test_validate_info_rejects_separators():
+def test_format_info_rejects_separators():
     with pytest.raises(ValueError):
-        validate_info({"ema": "0_9"})
+        format_info({"ema": "0_9"})

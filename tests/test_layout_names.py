@@ -12,10 +12,10 @@ from pydantic import ValidationError
 from ksuit.layout import (
     CheckpointName,
     checkpoint_filename,
+    format_info,
     manifest_filename,
     parse_checkpoint_filename,
     parse_manifest_filename,
-    validate_info,
     validate_name,
     validate_output_name,
     validate_tag,
@@ -70,14 +70,14 @@ def test_control_characters_are_refused_in_names_tags_info_and_output_names(char
     with pytest.raises(ValueError, match="control"):
         validate_output_name(f"x{char}_cp=latest_model.th")
     with pytest.raises(ValueError, match="control"):
-        validate_info({"ema": f"0.9{char}"})
+        format_info({"ema": f"0.9{char}"})
 
 
 def test_a_trailing_newline_is_no_part_of_a_valid_name():
     with pytest.raises(ValueError, match="control"):
         validate_output_name("x_cp=latest_model.th\n")
     with pytest.raises(ValueError, match="info key"):
-        validate_info({"ema\n": 0.9})
+        format_info({"ema\n": 0.9})
     assert parse_checkpoint_filename("x_cp=latest_model.th\n") is None
     assert parse_manifest_filename("x_cp=latest.manifest.json\n") is None
 
@@ -130,7 +130,7 @@ def test_every_accepted_name_tag_and_info_round_trips():
         name, tag = _random_text(rng), _random_text(rng)
         info = {_random_text(rng): _random_text(rng) for _ in range(rng.randint(0, 2))}
         kind, fmt = rng.choice(["model", "optim", "trainer"]), rng.choice(["torch", "safetensors"])
-        info_text = _accepted(validate_info, info)
+        info_text = _accepted(format_info, info)
         if (
             info_text is None
             or _accepted(validate_name, name) is None

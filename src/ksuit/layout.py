@@ -114,8 +114,9 @@ def validate_output_name(output_name: object) -> str:
     return name
 
 
-def validate_info(info: dict[str, object] | None) -> str:
-    """Formats `{'ema': 0.999}` as `ema=0.999` (several joined by '_')."""
+def format_info(info: dict[str, object] | None) -> str:
+    """The `<info>` part of a file name: `{'ema': 0.999}` as `ema=0.999` (several joined by
+    '_'); refuses keys and values the grammar could not read back."""
     if not info:
         return ""
     parts = []
@@ -176,7 +177,7 @@ def checkpoint_filename(name: str, tag: str, kind: str, info: str = "", fmt: str
         raise ValueError(f"unknown format {fmt!r}; known: {', '.join(EXTENSIONS)}")
     if info and (not isinstance(info, str) or _INFO_RE.fullmatch(info) is None or _unprintable(info)):
         raise ValueError(
-            f"info {info!r} is not of the form 'key=value[_key=value...]'; build it with validate_info"
+            f"info {info!r} is not of the form 'key=value[_key=value...]'; build it with format_info"
         )
     parts = CheckpointName(name, tag, kind, info, EXTENSIONS[fmt])
     if parse_checkpoint_filename(parts.filename) != parts:  # the grammar's promise, checked

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from ksuit.callbacks import BestCheckpointCallback, CheckpointCallback
+from ksuit.callbacks import BestCheckpointCallback, Callback, CheckpointCallback
 from ksuit.readers import list_checkpoints
 from ksuit.schemas.run import load_run_config
 from ksuit.storage import load_file
@@ -70,6 +70,20 @@ def test_checkpoint_callback_checks_its_arguments(tmp_path):
         run(prepared)
 
 
+class BestAtStart(Callback):
+    """Records the best-checkpoint callback's value and iteration when training starts."""
+
+    saves_state = False  # not in the trainer file, so the resume accepts it
+
+    def __init__(self):
+        super().__init__("best_at_start")
+        self.seen = None
+
+    def before_training(self, trainer):
+        best = next(cb for cb in trainer.callbacks if isinstance(cb, BestCheckpointCallback))
+        self.seen = (best.best_value, best.best_iteration)
+
+
 def test_best_checkpoint_tag_state_and_resume(tmp_path):
     cb = BestCheckpointCallback("loss/val")
     assert cb.tag == "best_model.loss.val" and cb.every_n_epochs == 1
@@ -88,8 +102,12 @@ def test_best_checkpoint_tag_state_and_resume(tmp_path):
     assert weights["training_iteration"] == state["best_iteration"]
     # a resumed run continues from the saved best value
     resumed = tiny(tmp_path, "trainer.max_epochs=3", resume=True)
+    probe = BestAtStart()
+    resumed.trainer.callbacks.append(probe)
     run(resumed)
-    assert resumed.trainer.callbacks[3].best_value <= state["best_value"]
+    assert probe.seen == (state["best_value"], state["best_iteration"])  # loaded before the first update
+    final = resumed.trainer.callbacks[3]
+    assert final.best_value == min(state["best_value"], resumed.trainer.metrics["loss/val"])
     with pytest.raises(ValueError, match="saved state is for 'loss/train'"):
         BestCheckpointCallback("loss/val").load_state_dict({"metric_key": "loss/train", "best_value": 1.0})
 

@@ -12,7 +12,7 @@ class Trainer:
         c = self.update_counter
         c.next_update()
         c.add_samples(c.effective_batch_size)
-        if c.is_full_epoch:
+        if c.at_epoch_end:
             c.next_epoch()
 
 

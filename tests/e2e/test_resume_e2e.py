@@ -121,6 +121,10 @@ def assert_same_final_files(reference: Path, resumed: Path, ema: bool, weights_e
     expected = 2 * 2 + 1 + (2 if ema else 0)  # weights + optim of both, trainer, EMA of both
     assert len(names) == expected, names
     assert {f"autoencoder.{m}_cp=last_model.{weights_ext}" for m in ("encoder", "decoder")} <= set(names)
+    if ema:  # the EMA weights follow the checkpoint format too
+        assert {
+            f"autoencoder.{m}_ema=0.9_cp=last_model.{weights_ext}" for m in ("encoder", "decoder")
+        } <= set(names)
     for name in names + [f"autoencoder.encoder_cp=best_model.loss.val_model.{weights_ext}"]:
         a, b = load_file(ref_dir / name), load_file(res_dir / name)
         if name.endswith("_trainer.th"):

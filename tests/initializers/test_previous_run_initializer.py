@@ -91,3 +91,9 @@ def test_missing_checkpoint_names_the_available_tags(previous, tmp_path):
         match=r"no weights of autoencoder.encoder match 'E9_U1_S1'.*its tags: E2_U16_S128, best",
     ):
         PreviousRunInitializer(previous, checkpoint="E9_U1_S1").apply(prepared.trainer)
+
+
+def test_a_checkpoint_is_required(previous):
+    # None would select nothing (it used to fail in apply() with a TypeError from deep inside)
+    with pytest.raises(ValueError, match="needs the checkpoint to start from: a tag such as 'last'"):
+        PreviousRunInitializer(previous, checkpoint=None)

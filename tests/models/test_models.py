@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from ksuit.models import CompositeModel, Model, ModelBase
+from ksuit.models import CompositeModel
+from ksuit.models.base import require_ksuit_model
 from ksuit.schemas.models import ModelBaseConfig
 from ksuit.zoo.autoencoder import Autoencoder, Encoder, EncoderConfig
 from tests.conftest import autoencoder_config, train_one_step
@@ -82,5 +83,14 @@ def test_model_requires_a_config_instance():
         Encoder({"kind": "x.Y", "name": "e"})
 
 
-def test_models_are_modelbase():
-    assert issubclass(Model, ModelBase) and issubclass(CompositeModel, ModelBase)
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated")  # torch.compile's import
+def test_require_ksuit_model_takes_leaf_and_composite_models_only():
+    require_ksuit_model(Encoder(EncoderConfig()))
+    require_ksuit_model(Autoencoder(autoencoder_config()))
+    with pytest.raises(TypeError, match=r"must be a ksuit ModelBase \(Model or CompositeModel\), got Linear"):
+        require_ksuit_model(torch.nn.Linear(2, 2))
+    compiled = torch.compile(Encoder(EncoderConfig()))  # wraps; compiles only on the first call
+    with pytest.raises(
+        TypeError, match=r"torch.compile-wrapped model; pass the original .*compiled._orig_mod"
+    ):
+        require_ksuit_model(compiled)

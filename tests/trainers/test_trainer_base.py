@@ -8,7 +8,7 @@ import torch
 from tests.conftest import assert_bitwise_equal
 from torch.utils.data import DataLoader, TensorDataset
 
-from ksuit.callbacks import Callback, CheckpointCallback
+from ksuit.callbacks import Callback, CheckpointCallback, ValidationLossCallback
 from ksuit.initializers import ResumeInitializer
 from ksuit.providers import PathProvider
 from ksuit.schemas.run import load_run_config
@@ -63,7 +63,7 @@ def test_training_lowers_the_loss(tmp_path):
 
     class Record(Callback):
         def after_update(self, trainer):
-            if "loss/train" in trainer.metrics and trainer.update_counter.is_full_epoch:
+            if "loss/train" in trainer.metrics and trainer.update_counter.at_epoch_end:
                 seen.append(trainer.metrics["loss/train"])
 
     prepared.trainer.callbacks.append(Record())
@@ -316,3 +316,33 @@ def test_setup_prepares_a_run_without_training(tmp_path):
         ReconstructionTrainer(
             PathProvider(tmp_path, "r"), effective_batch_size=8, accumulation_steps=3, max_epochs=1
         ).setup(model(), data())
+
+
+def test_what_setup_builds_is_refused_before_setup(tmp_path):
+    trainer = ReconstructionTrainer(PathProvider(tmp_path, "r"), effective_batch_size=8, max_epochs=1)
+    assert not trainer.is_set_up
+    for attribute in ("model", "update_counter", "checkpoint_writer"):
+        with pytest.raises(
+            RuntimeError, match=rf"ReconstructionTrainer\.{attribute} exists once the trainer is set up"
+        ):
+            getattr(trainer, attribute)
+    with pytest.raises(RuntimeError, match="needs a set-up trainer"):
+        trainer.load_state_dict({})
+    m = model()
+    trainer.setup(m, data())
+    assert trainer.is_set_up and trainer.model is m
+    assert trainer.checkpoint_writer.update_counter is trainer.update_counter
+
+
+def test_validation_of_the_training_data_given_as_a_dataloader(tmp_path):
+    train = data()
+    trainer = ReconstructionTrainer(
+        PathProvider(tmp_path, "r"),
+        effective_batch_size=8,
+        max_epochs=1,
+        device="cpu",
+        callbacks=[ValidationLossCallback(dataset="train")],
+    )
+    trainer.fit(model(), DataLoader(train, batch_size=3))
+    assert trainer.datasets["train"] is train  # the loader's dataset: callbacks evaluate datasets
+    assert trainer.metric_updates["loss/val"] == 4

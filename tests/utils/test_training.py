@@ -74,7 +74,7 @@ def test_update_counter_counts_to_end_given_in_epochs():
         for _ in range(3):
             uc.next_update()
             uc.add_samples(8)
-        assert uc.is_full_epoch
+        assert uc.at_epoch_end
         uc.next_epoch()
         epochs += 1
     assert epochs == 2
@@ -92,7 +92,7 @@ def test_update_counter_end_in_samples_and_updates():
     uc.add_samples(8)
     assert uc.is_finished
     uc = UpdateCounter(TrainingIteration(1, 10, 80), TrainingIteration(update=11), 10, 8)
-    assert not uc.is_finished and uc.is_full_epoch
+    assert not uc.is_finished and uc.at_epoch_end
     uc.next_update()
     assert uc.is_finished
 
@@ -111,3 +111,15 @@ def test_update_counter_state_roundtrip():
     other = UpdateCounter(None, TrainingIteration(epoch=5), 10, 8)
     other.load_state_dict(uc.state_dict())
     assert other.cur_iteration == TrainingIteration(0, 1, 8)
+
+
+def test_at_epoch_end_and_its_deprecated_name():
+    uc = UpdateCounter(None, TrainingIteration(epoch=2), updates_per_epoch=2, effective_batch_size=8)
+    ends = []
+    for _ in range(4):
+        uc.next_update()
+        ends.append(uc.at_epoch_end)
+    assert ends == [False, True, False, True]
+    with pytest.warns(DeprecationWarning, match="use UpdateCounter.at_epoch_end"):
+        assert uc.is_full_epoch is True
+    assert uc.end_update == 4

@@ -113,14 +113,17 @@ class PeriodicCallback(Callback):
     def is_due(self, trainer: BaseTrainer) -> bool:
         """Whether the update that just finished completes one of the periods."""
         counter = trainer.update_counter
-        it = counter.cur_iteration
-        if self.every_n_epochs is not None and counter.is_full_epoch and it.epoch % self.every_n_epochs == 0:
+        if (
+            self.every_n_epochs is not None
+            and counter.at_epoch_end
+            and counter.epoch % self.every_n_epochs == 0
+        ):
             return True
-        if self.every_n_updates is not None and it.update % self.every_n_updates == 0:
+        if self.every_n_updates is not None and counter.update % self.every_n_updates == 0:
             return True
         if self.every_n_samples is not None:
-            before = it.sample - counter.effective_batch_size
-            if it.sample // self.every_n_samples > before // self.every_n_samples:
+            before = counter.sample - counter.effective_batch_size
+            if counter.sample // self.every_n_samples > before // self.every_n_samples:
                 return True
         return False
 

@@ -11,7 +11,7 @@ from ksuit.layout import LAST, LATEST, validate_tag
 from ksuit.writers import CheckpointWriter
 
 if TYPE_CHECKING:
-    from ksuit.models import Model
+    from ksuit.models import ModelBase
     from ksuit.trainers.base import BaseTrainer
 
 logger = logging.getLogger(__name__)
@@ -27,11 +27,11 @@ def human_bytes(n: float) -> str:
     raise AssertionError("unreachable")
 
 
-def weights_nbytes(leaf: Model) -> int:
+def weights_nbytes(leaf: ModelBase) -> int:
     return sum(t.numel() * t.element_size() for t in leaf.state_dict().values())
 
 
-def optimizer_nbytes(leaf: Model) -> int:
+def optimizer_nbytes(leaf: ModelBase) -> int:
     """Bytes of a leaf's optimizer state: measured once it exists, estimated before the first step
     (Adam-like optimizers keep two tensors per parameter, SGD with momentum one)."""
     optim = leaf.optimizer
@@ -42,7 +42,7 @@ def optimizer_nbytes(leaf: Model) -> int:
         return sum(
             t.numel() * t.element_size() for s in state.values() for t in s.values() if hasattr(t, "numel")
         )
-    params = sum(p.numel() * p.element_size() for g in optim.param_groups for p in g["params"])
+    params: int = sum(p.numel() * p.element_size() for g in optim.param_groups for p in g["params"])
     kind = optim.config.kind.lower()
     if "sgd" in kind:
         return params if optim.param_groups[0].get("momentum", 0) else 0
@@ -145,7 +145,7 @@ class CheckpointCallback(PeriodicCallback):
         leaves = CheckpointWriter.select_leaves(trainer.model, self.model_names)  # also checks the names
         self.estimated_bytes = self.estimate_bytes(trainer, leaves)
 
-    def estimate_bytes(self, trainer: BaseTrainer, leaves: list[tuple[str, Model]]) -> int:
+    def estimate_bytes(self, trainer: BaseTrainer, leaves: list[tuple[str, ModelBase]]) -> int:
         """Disk the files of this callback will take by the end of the run (logged on rank 0)."""
         if not self.save_frozen_weights:
             leaves = [(n, leaf) for n, leaf in leaves if not leaf.is_frozen]
@@ -155,7 +155,7 @@ class CheckpointCallback(PeriodicCallback):
         counter = trainer.update_counter
         saves = self.invocations_between(
             counter.update,
-            counter.end_iteration.update,
+            counter.end_update,
             trainer.updates_per_epoch,
             trainer.effective_batch_size,
         )

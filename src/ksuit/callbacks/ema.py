@@ -1,43 +1,44 @@
 """Exponential moving averages of model weights, saved as their own checkpoint files.
 
 For every selected leaf and factor `f`, after every update: `ema = f * ema + (1 - f) * weights`
-(floating tensors; other buffers are copied). Files are `<name>_ema=<f>_cp=<tag>_model.th`, each
-group `<name>_ema=<f>` with its own manifest, written through `CheckpointWriter`.
+(floating tensors; other buffers are copied). Files are `<name>_ema=<f>_cp=<tag>_model.<ext>`,
+in the format of the run's other weights files (`.th`, or `.safetensors` with
+`checkpoint_format: safetensors`), each group `<name>_ema=<f>` with its own manifest, written
+through `CheckpointWriter`. A resume reads either format.
 """
 
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ksuit.callbacks.base import PeriodicCallback
-from ksuit.layout import LAST, LATEST, CheckpointName, checkpoint_filename, validate_info
+from ksuit.layout import LAST, LATEST, CheckpointName, checkpoint_filename, format_info
 from ksuit.readers import scan_sets
 from ksuit.storage import load_file
 from ksuit.writers import CheckpointWriter
 
 if TYPE_CHECKING:
-    from ksuit.models import Model
+    from ksuit.models import ModelBase
     from ksuit.readers import CheckpointSet, ResumePoint
     from ksuit.trainers.base import BaseTrainer
 
 logger = logging.getLogger(__name__)
 
 
-def ema_info(factor: float) -> str:
-    return validate_info({"ema": factor})
-
-
 class EmaCallback(PeriodicCallback):
-    """EMA of the weights of `model_paths` (submodel key paths or full leaf names; default: all
+    """EMA of the weights of `model_names` (submodel key paths or full leaf names; default: all
     leaves) for each of `target_factors`.
 
     Saves the EMA weights under the progress tag when due (`save_weights`, every_n_*), under
     `latest` whenever a resumable `latest` checkpoint is written (`save_latest_weights`), and
     under `last` after training (`save_last_weights`). A resumed run reloads the EMA files
     written at the iteration it resumes from, so the averages continue exactly.
+
+    `model_paths` is the old name of `model_names`, accepted with a DeprecationWarning.
     """
 
     order = 10
@@ -46,7 +47,7 @@ class EmaCallback(PeriodicCallback):
     def __init__(
         self,
         target_factors: list[float],
-        model_paths: list[str] | None = None,
+        model_names: list[str] | None = None,
         save_weights: bool = True,
         save_latest_weights: bool = True,
         save_last_weights: bool = True,
@@ -54,8 +55,22 @@ class EmaCallback(PeriodicCallback):
         every_n_updates: int | None = None,
         every_n_samples: int | None = None,
         name: str | None = None,
+        *,
+        model_paths: list[str] | None = None,
     ):
         super().__init__(every_n_epochs, every_n_updates, every_n_samples, name=name)
+        if model_paths is not None:
+            if model_names is not None:
+                raise ValueError(
+                    f"EMA '{self.name}' got both model_names and model_paths; "
+                    "keep model_names (model_paths is its old name)"
+                )
+            warnings.warn(
+                "EmaCallback's 'model_paths' is deprecated; name the key 'model_names' (same values)",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            model_names = model_paths
         if isinstance(target_factors, (int, float)):
             target_factors = [target_factors]
         factors = [float(f) for f in target_factors]
@@ -66,11 +81,11 @@ class EmaCallback(PeriodicCallback):
         if len(set(factors)) != len(factors):
             raise ValueError(f"target_factors has duplicates: {target_factors!r}")
         self.target_factors = factors
-        self.model_paths = None if model_paths is None else list(model_paths)
+        self.model_names = None if model_names is None else list(model_names)
         self.save_weights = save_weights
         self.save_latest_weights = save_latest_weights
         self.save_last_weights = save_last_weights
-        self.leaves: list[tuple[str, Model]] = []
+        self.leaves: list[tuple[str, ModelBase]] = []
         self.ema: dict[tuple[str, float], dict[str, torch.Tensor]] = {}
         self._pairs: dict[
             float, tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]
@@ -79,7 +94,7 @@ class EmaCallback(PeriodicCallback):
 
     # ---- averaging --------------------------------------------------------------------------------
     def before_training(self, trainer: BaseTrainer) -> None:
-        self.leaves = CheckpointWriter.select_leaves(trainer.model, self.model_paths)
+        self.leaves = CheckpointWriter.select_leaves(trainer.model, self.model_names)
         self.ema = {
             (name, f): {k: v.detach().clone() for k, v in leaf.state_dict().items()}
             for name, leaf in self.leaves
@@ -129,8 +144,9 @@ class EmaCallback(PeriodicCallback):
         if self.save_last_weights:
             self._save(trainer, LAST)
 
-    def filename(self, name: str, factor: float, tag: str) -> str:
-        return checkpoint_filename(name, tag, "model", info=ema_info(factor))
+    def filename(self, name: str, factor: float, tag: str, fmt: str = "torch") -> str:
+        """`<name>_ema=<factor>_cp=<tag>_model.<ext>`, the extension of format `fmt`."""
+        return checkpoint_filename(name, tag, "model", info=format_info({"ema": factor}), fmt=fmt)
 
     def _save(self, trainer: BaseTrainer, tag: str) -> None:
         key = (tag, trainer.update_counter.update)
@@ -141,7 +157,7 @@ class EmaCallback(PeriodicCallback):
         for name, leaf in self.leaves:
             for f in self.target_factors:
                 writer.save_model_checkpoint(
-                    self.filename(name, f, tag),
+                    self.filename(name, f, tag, fmt=writer.format),
                     self.ema[(name, f)],
                     tag,
                     model_config=leaf.model_config,
@@ -153,7 +169,7 @@ class EmaCallback(PeriodicCallback):
         sets = scan_sets(point.checkpoint_dir)
         for name, _leaf in self.leaves:
             for f in self.target_factors:
-                group = CheckpointName(name, LATEST, "model", ema_info(f)).group
+                group = CheckpointName(name, LATEST, "model", format_info({"ema": f})).group
                 chosen, exact = self._choose(point, [s for s in sets if s.group == group])
                 if chosen is None:
                     logger.warning(
@@ -173,6 +189,7 @@ class EmaCallback(PeriodicCallback):
                         chosen.training_iteration,
                         point.training_iteration,
                     )
+                # `.th` or `.safetensors`: the format of the run that wrote it
                 info = next(i for i in chosen.files.values() if i.kind == "model")
                 state = load_file(info.path)["state_dict"]
                 target = self.ema[(name, f)]
@@ -197,16 +214,18 @@ class EmaCallback(PeriodicCallback):
         if at_point:
             at_point.sort(key=lambda s: (s.tag != point.tag, s.tag != LATEST))
             return at_point[0], True
-        dated = [
-            s for s in usable if s.training_iteration is not None and s.training_iteration.is_fully_specified
-        ]
+        dated: list[tuple[int, CheckpointSet]] = []
+        for s in usable:
+            it = s.training_iteration
+            if it is not None and it.is_fully_specified and it.update is not None:
+                dated.append((it.update, s))
         if not dated:
             return None, False
-        return max(dated, key=lambda s: s.training_iteration.update), False
+        return max(dated, key=lambda d: d[0])[1], False
 
     # ---- state ----------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"target_factors": list(self.target_factors), "model_paths": self.model_paths}
+        return {"target_factors": list(self.target_factors), "model_names": self.model_names}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         saved = [float(f) for f in state_dict.get("target_factors", self.target_factors)]

@@ -62,14 +62,14 @@ class ProgressBarCallback(Callback):
         )
         self._task = self.progress.add_task(
             trainer.model.name,
-            total=counter.end_iteration.update,
+            total=counter.end_update,
             completed=counter.update,
             iteration=str(counter.cur_iteration),
         )
         self.progress.start()
 
     def after_update(self, trainer: BaseTrainer) -> None:
-        if self.progress is not None:
+        if self.progress is not None and self._task is not None:
             self.progress.update(self._task, advance=1, iteration=str(trainer.update_counter.cur_iteration))
 
     def teardown(self, trainer: BaseTrainer) -> None:

@@ -47,7 +47,7 @@ class ValidationLossCallback(PeriodicCallback):
 
     def __init__(
         self,
-        dataset: str | Dataset = "val",
+        dataset: str | Dataset[Any] = "val",
         batch_size: int | None = None,
         metric_key: str = "loss/val",
         every_n_epochs: int | None = None,
@@ -61,7 +61,7 @@ class ValidationLossCallback(PeriodicCallback):
         self.dataset = dataset
         self.batch_size = batch_size
         self.metric_key = metric_key
-        self.loader: DataLoader | None = None
+        self.loader: DataLoader[Any] | None = None
 
     def before_training(self, trainer: BaseTrainer) -> None:
         dataset = self.dataset
@@ -73,7 +73,7 @@ class ValidationLossCallback(PeriodicCallback):
                     f"{known}); check the data section of the config"
                 )
             dataset = trainer.datasets[dataset]
-        n = len(dataset)
+        n = len(dataset)  # type: ignore[arg-type]  # Dataset declares no __len__; a map-style one has it
         # every rank takes every world_size-th sample: no padding, so the mean is exact
         indices = list(range(trainer.rank, n, trainer.world_size))
         self.loader = DataLoader(
@@ -86,6 +86,8 @@ class ValidationLossCallback(PeriodicCallback):
 
     @torch.no_grad()
     def invoke(self, trainer: BaseTrainer) -> None:
+        if self.loader is None:
+            raise RuntimeError(f"'{self.name}' has no data loader yet: before_training(trainer) builds it")
         model = trainer.model
         was_training = model.training
         model.eval()
@@ -107,7 +109,7 @@ class ValidationLossCallback(PeriodicCallback):
         total_count = reduced[-1]
         if total_count == 0:
             raise ValueError(f"'{self.name}': the validation dataset is empty")
-        for key, value in zip(keys, reduced[:-1], strict=True):
+        for key, total_sum in zip(keys, reduced[:-1], strict=True):
             trainer.log_metric(
-                self.metric_key if key == "" else f"{self.metric_key}/{key}", value / total_count
+                self.metric_key if key == "" else f"{self.metric_key}/{key}", total_sum / total_count
             )

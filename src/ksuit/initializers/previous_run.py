@@ -5,11 +5,12 @@ from __future__ import annotations
 import fnmatch
 import logging
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ksuit.initializers.base import Initializer, describe_spec, parse_checkpoint_spec
-from ksuit.layout import LATEST, validate_info
+from ksuit.layout import LATEST, format_info
 from ksuit.readers import CheckpointInfo, list_checkpoints, load_model_payload
 from ksuit.readers.listing import checkpoint_folder, read_folder
 from ksuit.utils.training import TrainingIteration
@@ -21,7 +22,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-def _rename_rules(patterns_to_rename: Any) -> list[tuple[re.Pattern, str]]:
+def _rename_rules(patterns_to_rename: Any) -> list[tuple[re.Pattern[str], str]]:
     if not patterns_to_rename:
         return []
     if isinstance(patterns_to_rename, dict):
@@ -47,7 +48,7 @@ def _rename_rules(patterns_to_rename: Any) -> list[tuple[re.Pattern, str]]:
 
 
 def transform_state_dict(
-    state_dict: dict[str, Any], keys_to_remove: list[str] = (), patterns_to_rename: Any = None
+    state_dict: dict[str, Any], keys_to_remove: Sequence[str] = (), patterns_to_rename: Any = None
 ) -> dict[str, Any]:
     """Drops keys matching any of `keys_to_remove` (exact or glob such as `head.*`), then renames
     keys with each regex rule in turn (`re.sub(pattern, replacement, key)`)."""
@@ -88,12 +89,18 @@ class PreviousRunInitializer(Initializer):
         model_names: list[str] | None = None,
         source_model_name: str | None = None,
         ema_factor: float | None = None,
-        keys_to_remove: list[str] = (),
+        keys_to_remove: Sequence[str] = (),
         patterns_to_rename: Any = None,
         strict: bool = True,
     ):
         self.run_dir = Path(run_dir)
-        self.checkpoint = parse_checkpoint_spec(checkpoint)
+        spec = parse_checkpoint_spec(checkpoint)
+        if spec is None:
+            raise ValueError(
+                "PreviousRunInitializer needs the checkpoint to start from: a tag such as 'last' (the "
+                "default), 'latest' or 'best_model.loss.val', or a spec such as 'epoch=10'"
+            )
+        self.checkpoint: str | TrainingIteration = spec
         self.model_names = None if model_names is None else list(model_names)
         self.source_model_name = source_model_name
         self.ema_factor = ema_factor
@@ -116,7 +123,7 @@ class PreviousRunInitializer(Initializer):
         """The weights file of `source_name` that the spec selects; among equal candidates a file
         of a checkpoint set (named in `listed`, the files manifests list) wins over a standalone
         copy such as a `ksuit export` of it, which may be older."""
-        want_info = "" if self.ema_factor is None else validate_info({"ema": float(self.ema_factor)})
+        want_info = "" if self.ema_factor is None else format_info({"ema": float(self.ema_factor)})
         candidates = [
             i for i in infos if i.model_name == source_name and i.kind == "model" and i.info == want_info
         ]

@@ -81,8 +81,11 @@ class ResumeInitializer(Initializer):
             else:
                 leaf.load_state_dict(load_model_payload(weights.path)["state_dict"])
             if leaf.optimizer is not None:
-                leaf.optimizer.load_state_dict(load_file(chosen.file(name, "optim").path))
+                optim = chosen.file(name, "optim")
+                assert optim is not None  # select() returns only sets with every required file
+                leaf.optimizer.load_state_dict(load_file(optim.path))
         trainer_file = chosen.file(trainer.model.name, "trainer")
+        assert trainer_file is not None  # select() returns only sets with a trainer file
         trainer.load_state_dict(load_file(trainer_file.path), strict=self.strict)
         trainer.resumed_from = ResumePoint(
             chosen.folder.ref, chosen.tag, trainer.update_counter.cur_iteration.copy()

@@ -150,8 +150,9 @@ class CompositeModel(ModelBase):
                     yield f"{key}.{sub_key}", full, model
 
 
-def unwrap_check(model: object) -> None:
-    """Refuses DDP/compiled wrappers with an error saying how to pass the ksuit model."""
+def require_ksuit_model(model: object) -> None:
+    """Refuses anything but a ksuit `ModelBase`; DDP and torch.compile wrappers get an error
+    saying how to pass the ksuit model they wrap."""
     if isinstance(model, torch.nn.parallel.DistributedDataParallel):
         raise TypeError(
             "got a DistributedDataParallel-wrapped model; pass the ksuit model itself (ddp_model.module) "
@@ -165,3 +166,7 @@ def unwrap_check(model: object) -> None:
         raise TypeError(
             f"model must be a ksuit ModelBase (Model or CompositeModel), got {type(model).__name__}"
         )
+
+
+# the old name; ksuit.writers still imports it (to be switched to require_ksuit_model, then removed)
+unwrap_check = require_ksuit_model

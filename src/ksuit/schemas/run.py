@@ -17,6 +17,7 @@ import difflib
 import inspect
 import re
 import typing
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -128,7 +129,7 @@ def _child(node: Any, part: str, path: list[str], override: str, create: bool) -
     )
 
 
-def _index(node: list, part: str, where: str, override: str) -> int:
+def _index(node: list[Any], part: str, where: str, override: str) -> int:
     if not part.lstrip("-").isdigit():
         raise ConfigError(
             f"override {override!r}: '{where}' indexes a list; use a number (e.g. callbacks.0.kind)"
@@ -187,7 +188,7 @@ def format_validation_error(
     return ConfigError("\n".join(lines))
 
 
-def _known_keys(model: type[BaseModel] | None, loc: tuple) -> list[str]:
+def _known_keys(model: type[BaseModel] | None, loc: tuple[int | str, ...]) -> list[str]:
     """Field names of the pydantic model at `loc` inside `model` (following nested models and lists)."""
     current: Any = model
     for part in loc:
@@ -219,7 +220,7 @@ def _suggest(key: str, known: list[str]) -> str:
     return f"; did you mean '{close[0]}'?" if close else ""
 
 
-def load_run_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
+def load_run_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
     """Reads, overrides and validates a run config file; errors name the file and the key."""
     path = Path(path)
     if not path.is_file():
@@ -228,7 +229,7 @@ def load_run_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
     return run_config_from_dict(raw, overrides, source=str(path))
 
 
-def run_config_from_dict(raw: Any, overrides: list[str] = (), source: str = "<config>") -> RunConfig:
+def run_config_from_dict(raw: Any, overrides: Sequence[str] = (), source: str = "<config>") -> RunConfig:
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -19,7 +19,8 @@ from torch.utils.data import DataLoader, Dataset
 from ksuit.callbacks.base import Callback, with_unique_names
 from ksuit.callbacks.progress import ProgressBarCallback
 from ksuit.layout import LATEST
-from ksuit.models.base import ModelBase, unwrap_check
+from ksuit.models.base import ModelBase, require_ksuit_model
+from ksuit.models.optimizer import OptimizerWrapper
 from ksuit.providers import PathProvider
 from ksuit.readers import ResumePoint
 from ksuit.schemas.trainer import CheckpointFormat, Device, Precision, TrainerSettings
@@ -33,6 +34,8 @@ from ksuit.utils.training import UpdateCounter
 from ksuit.writers import CheckpointWriter
 
 logger = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
 
 
 class BaseTrainer:
@@ -91,14 +94,15 @@ class BaseTrainer:
         self.progress = progress
         self.callbacks = with_unique_names([*callbacks, *([ProgressBarCallback()] if progress else [])])
 
-        # set up by setup()
-        self.model: ModelBase | None = None
-        self.ddp_model: torch.nn.parallel.DistributedDataParallel | None = None
+        # set up by setup(); `model`, `update_counter` and `checkpoint_writer` read them and
+        # raise a RuntimeError before
+        self._model: ModelBase | None = None
+        self._update_counter: UpdateCounter | None = None
+        self._checkpoint_writer: CheckpointWriter | None = None
+        self.ddp_model: torch.nn.parallel.DistributedDataParallel | None = None  # None: no DDP
         self.device = torch.device("cpu")
-        self.update_counter: UpdateCounter | None = None
-        self.checkpoint_writer: CheckpointWriter | None = None
-        self.grad_scaler: torch.amp.GradScaler | None = None
-        self.datasets: dict[str, Dataset] = {}
+        self.grad_scaler: torch.amp.GradScaler | None = None  # None: not float16
+        self.datasets: dict[str, Dataset[Any]] = {}
         self.batch_size = 0
         self.updates_per_epoch = 0
         self.world_size = 1
@@ -122,16 +126,49 @@ class BaseTrainer:
             f"{type(self).__name__} must override loss(model, batch) and return the loss of the batch"
         )
 
+    # ---- what setup() builds ------------------------------------------------------------------
+    @property
+    def is_set_up(self) -> bool:
+        """Whether `setup` (or `fit`) has run, so `model`, `update_counter` and
+        `checkpoint_writer` exist."""
+        return None not in (self._model, self._update_counter, self._checkpoint_writer)
+
+    def _built_by_setup(self, value: _T | None, what: str) -> _T:
+        if value is None:
+            raise RuntimeError(
+                f"{type(self).__name__}.{what} exists once the trainer is set up; "
+                "call fit(model, data) or setup(model, data) first"
+            )
+        return value
+
+    @property
+    def model(self) -> ModelBase:
+        """The ksuit model being trained (not its DDP wrapper); `setup` places it."""
+        return self._built_by_setup(self._model, "model")
+
+    @property
+    def update_counter(self) -> UpdateCounter:
+        """Where training stands (epoch, update, sample) and where it ends."""
+        return self._built_by_setup(self._update_counter, "update_counter")
+
+    @property
+    def checkpoint_writer(self) -> CheckpointWriter:
+        """The writer of this run's checkpoint files (its `format` is the run's `checkpoint_format`)."""
+        return self._built_by_setup(self._checkpoint_writer, "checkpoint_writer")
+
     # ---- setup ------------------------------------------------------------------------------
     def setup(
-        self, model: ModelBase, train_data: Dataset | DataLoader, datasets: dict[str, Dataset] | None = None
+        self,
+        model: ModelBase,
+        train_data: Dataset[Any] | DataLoader[Any],
+        datasets: dict[str, Dataset[Any]] | None = None,
     ) -> None:
         """Prepares training without running it: places and initializes `model`, builds the
         training data loader, the update counter, the checkpoint writer and (float16) the grad
         scaler, and seeds the generators with `seed + rank`. `fit` calls it; call it yourself to
         apply an initializer or `load_state_dict` outside of `fit`. `datasets` are further named
         datasets for callbacks (e.g. `{"val": ...}`)."""
-        unwrap_check(model)
+        require_ksuit_model(model)
         self.world_size, self.rank = distributed.world_size(), distributed.rank()
         self.device = devices.resolve_device(self.device_name, self.world_size)
         self._train_loader = TrainLoader(
@@ -149,19 +186,23 @@ class BaseTrainer:
         model.to(self.device)
         if not model.is_initialized:
             model.initialize()
-        self.model = model
-        self.datasets = {"train": train_data, **(datasets or {})}
-        self.update_counter = UpdateCounter(
+        self._model = model
+        # the dataset of a DataLoader given as training data, as callbacks evaluate datasets
+        self.datasets = {"train": self._train_loader.dataset, **(datasets or {})}
+        self._update_counter = UpdateCounter(
             None, self.end_iteration, self.updates_per_epoch, self.effective_batch_size
         )
-        self.checkpoint_writer = CheckpointWriter(
-            self.path_provider, self.update_counter, async_save=self.async_save, format=self.checkpoint_format
+        self._checkpoint_writer = CheckpointWriter(
+            self.path_provider,
+            self._update_counter,
+            async_save=self.async_save,
+            format=self.checkpoint_format,
         )
         if self.precision == "float16":
             self.grad_scaler = torch.amp.GradScaler(self.device.type)
         seed_everything(self.seed + self.rank)
 
-    def autocast(self) -> contextlib.AbstractContextManager:
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
         """The autocast context of the configured precision (nothing for float32)."""
         return devices.autocast(self.precision, self.device)
 
@@ -172,16 +213,17 @@ class BaseTrainer:
     split_loss = staticmethod(update.split_loss)
 
     @property
-    def optimizers(self) -> list:
+    def optimizers(self) -> list[OptimizerWrapper]:
+        """The optimizers of the model's leaves (frozen leaves have none)."""
         return [leaf.optimizer for _, leaf in self.model.iter_leaves() if leaf.optimizer is not None]
 
     # ---- training -----------------------------------------------------------------------------
     def fit(
         self,
         model: ModelBase,
-        train_data: Dataset | DataLoader,
+        train_data: Dataset[Any] | DataLoader[Any],
         *,
-        datasets: dict[str, Dataset] | None = None,
+        datasets: dict[str, Dataset[Any]] | None = None,
         initializer: Any = None,
     ) -> ModelBase:
         """Trains `model` on `train_data` until the configured end and returns it.
@@ -220,7 +262,8 @@ class BaseTrainer:
         return sorted(self.callbacks, key=lambda cb: cb.order)
 
     def _loop(self) -> None:
-        counter = self.update_counter
+        counter, loader = self.update_counter, self._train_loader
+        assert loader is not None  # fit() runs the loop after setup()
         if counter.is_finished:
             logger.info("training already reached its end (%s); nothing to train", counter.end_iteration)
             return
@@ -240,12 +283,12 @@ class BaseTrainer:
             while not counter.is_finished:
                 epoch = counter.epoch
                 done_in_epoch = counter.update - epoch * self.updates_per_epoch
-                batches = self._train_loader.epoch(epoch, done_in_epoch)
+                batches = loader.epoch(epoch, done_in_epoch)
                 for _ in range(self.updates_per_epoch - done_in_epoch):
                     losses = update.optimizer_update(self, train_model, batches)
                     counter.next_update()
                     counter.add_samples(self.effective_batch_size)
-                    if counter.is_full_epoch:
+                    if counter.at_epoch_end:
                         counter.next_epoch()
                     self._after_update(losses)
                     # every rank must stop at the same update: agree on the largest signal seen
@@ -259,7 +302,7 @@ class BaseTrainer:
     def _after_update(self, losses: dict[str, torch.Tensor]) -> None:
         counter, tracker = self.update_counter, self.metric_tracker
         tracker.add_losses(losses)
-        if counter.is_full_epoch:
+        if counter.at_epoch_end:
             tracker.log_mean_losses(counter.update, self.device)
         for cb in self._ordered_callbacks():
             cb.after_update(self)

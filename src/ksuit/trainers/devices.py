@@ -45,7 +45,7 @@ def wrap_ddp(
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
 
-def autocast(precision: Precision, device: torch.device) -> contextlib.AbstractContextManager:
+def autocast(precision: Precision, device: torch.device) -> contextlib.AbstractContextManager[Any]:
     """The autocast context of `precision` on `device` (nothing for float32)."""
     dtype = PRECISION_DTYPES[precision]
     if dtype is None:

@@ -25,7 +25,7 @@ class TrainLoader:
 
     def __init__(
         self,
-        data: Dataset | DataLoader,
+        data: Dataset[Any] | DataLoader[Any],
         *,
         effective_batch_size: int,
         accumulation_steps: int,
@@ -43,12 +43,15 @@ class TrainLoader:
             )
         self.batch_size = effective_batch_size // per_step
         collate_fn = None
-        dataset = data
+        dataset: Dataset[Any]
         if isinstance(data, DataLoader):
             dataset, collate_fn = data.dataset, data.collate_fn
             logger.info(
                 "using the DataLoader's dataset and collate_fn; ksuit's resumable sampler draws the batches"
             )
+        else:
+            dataset = data
+        self.dataset = dataset
         try:
             n = len(dataset)  # type: ignore[arg-type]
         except TypeError:
@@ -86,7 +89,7 @@ class TrainLoader:
             **kwargs,
         )
 
-    def epoch(self, epoch: int, done_updates: int) -> Iterator:
+    def epoch(self, epoch: int, done_updates: int) -> Iterator[Any]:
         """The batches of `epoch` after its first `done_updates` updates (a resume mid-epoch
         continues with the very batch an uninterrupted run would see next)."""
         self.sampler.set_epoch(epoch, done_updates * self.accumulation_steps)

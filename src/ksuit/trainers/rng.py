@@ -10,12 +10,16 @@ and its position/gauss fields. `capture_all_ranks()` gathers one such dict per r
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
 
 from ksuit.utils import distributed
+
+# torch leaves torch.cuda.is_initialized unannotated; this is its signature
+_cuda_is_initialized: Callable[[], bool] = torch.cuda.is_initialized
 
 
 def seed_everything(seed: int) -> None:
@@ -44,7 +48,7 @@ def capture() -> dict[str, Any]:
         },
         "torch": torch.get_rng_state(),
     }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
+    if torch.cuda.is_available() and _cuda_is_initialized():
         state["cuda"] = [s.cpu() for s in torch.cuda.get_rng_state_all()]
     return state
 

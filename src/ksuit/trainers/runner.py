@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,7 +45,7 @@ class PreparedRun:
     path_provider: PathProvider
     model: ModelBase
     trainer: BaseTrainer
-    datasets: dict[str, Dataset]
+    datasets: dict[str, Dataset[Any]]
     initializer: Initializer | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -54,7 +55,7 @@ class PreparedRun:
 
 
 def _resolve(
-    config: RunConfig, kind: str, where: str, short: dict[str, Any], base: type | None = None
+    config: RunConfig, kind: str, where: str, short: Mapping[str, Any], base: type | None = None
 ) -> Any:
     if kind in short:
         return short[kind]
@@ -126,13 +127,14 @@ def build_model(config: RunConfig) -> ModelBase:
         optim_cls = _resolve(config, config.optimizer.kind, "optimizer", {})
         validate_kwargs(optim_cls, config.optimizer.kwargs, "optimizer", config, skip=("params",))
         model_config = with_default_optimizer(model_config, config.optimizer)
-    return model_cls(model_config=model_config)
+    model: ModelBase = model_cls(model_config=model_config)
+    return model
 
 
 # ---- data, callbacks, initializers ----------------------------------------------------------------
 
 
-def build_datasets(config: RunConfig) -> dict[str, Dataset]:
+def build_datasets(config: RunConfig) -> dict[str, Dataset[Any]]:
     builder = _resolve(config, config.data.kind, "data", DATASET_KINDS)
     kwargs = validate_kwargs(builder, config.data.kwargs, "data", config)
     datasets = builder(**kwargs)
@@ -141,7 +143,7 @@ def build_datasets(config: RunConfig) -> dict[str, Dataset]:
     return datasets
 
 
-def _build_each(config: RunConfig, section_name: str, kinds: dict[str, type], base: type) -> list[Any]:
+def _build_each(config: RunConfig, section_name: str, kinds: Mapping[str, type], base: type) -> list[Any]:
     """One instance per item of a list section (`callbacks`, `initializers`), errors naming the item."""
     result = []
     for i, section in enumerate(getattr(config, section_name)):

@@ -31,8 +31,8 @@ class ResumableBatchSampler(Sampler[list[int]]):
     ):
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
-        self.sampler = DistributedSampler(
-            range(dataset_len),
+        self.sampler: DistributedSampler[int] = DistributedSampler(
+            range(dataset_len),  # type: ignore[arg-type]  # the stubs ask for a Dataset; len() is all it uses
             num_replicas=num_replicas,
             rank=rank,
             shuffle=shuffle,

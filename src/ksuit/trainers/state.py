@@ -52,7 +52,7 @@ def trainer_state_dict(trainer: BaseTrainer) -> dict[str, Any]:
 def load_trainer_state_dict(trainer: BaseTrainer, state_dict: dict[str, Any], strict: bool = True) -> None:
     """Restores `trainer_state_dict()`'s output into a set-up trainer (see
     `BaseTrainer.load_state_dict`); returns after restoring this rank's RNG."""
-    if trainer.update_counter is None:
+    if not trainer.is_set_up:
         raise RuntimeError("load_state_dict needs a set-up trainer; pass the initializer to fit() instead")
     missing_keys = [k for k in ("callback_state_dicts", "training_iteration", "rng") if k not in state_dict]
     if missing_keys:
@@ -63,7 +63,7 @@ def load_trainer_state_dict(trainer: BaseTrainer, state_dict: dict[str, Any], st
     counter = trainer.update_counter
     counter.load_state_dict(state_dict["training_iteration"])
     it = counter.cur_iteration
-    if not it.is_fully_specified or it.epoch != it.update // trainer.updates_per_epoch:
+    if not it.is_fully_specified or counter.epoch != counter.update // trainer.updates_per_epoch:
         raise ValueError(
             f"checkpoint iteration {it} does not fit {trainer.updates_per_epoch} updates per epoch; "
             "resume with the data and batch size of the run that wrote it"

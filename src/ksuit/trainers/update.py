@@ -32,7 +32,7 @@ def split_loss(out: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
 
 
 def optimizer_update(
-    trainer: BaseTrainer, train_model: torch.nn.Module, batches: Iterator
+    trainer: BaseTrainer, train_model: torch.nn.Module, batches: Iterator[Any]
 ) -> dict[str, torch.Tensor]:
     """One update of `trainer.model` from the next `accumulation_steps` batches; returns the
     detached losses (`{"total": ..., <part>: ...}`), each the mean over the steps."""
@@ -48,10 +48,8 @@ def optimizer_update(
                 out = trainer.loss(train_model, batch)
             total, parts = split_loss(out)
             scaled = total / steps if steps > 1 else total
-            if scaler is not None:
-                scaler.scale(scaled).backward()
-            else:
-                scaled.backward()
+            # torch.autograd.backward(t) is t.backward(), with annotations a type checker can use
+            torch.autograd.backward(scaler.scale(scaled) if scaler is not None else scaled)
         for key, value in {"total": total, **parts}.items():
             value = value.detach().float() / steps
             totals[key] = totals[key] + value if key in totals else value

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -109,6 +110,7 @@ class TrainingIteration:
             return TrainingIteration(
                 self.update // updates_per_epoch, self.update, self.update * effective_batch_size
             )
+        assert self.sample is not None  # minimally specified, and neither epoch nor update
         update = math.ceil(self.sample / effective_batch_size)
         return TrainingIteration(update // updates_per_epoch, update, self.sample)
 
@@ -123,27 +125,26 @@ class TrainingIteration:
         return f"TrainingIteration({args})"
 
     # ---- arithmetic and comparison ------------------------------------------------------
-    def _check_same_fields(self, other: object, op: str) -> TrainingIteration:
-        if not isinstance(other, TrainingIteration):
-            return NotImplemented  # type: ignore[return-value]
+    def _check_same_fields(self, other: TrainingIteration, op: str) -> None:
         if self._set_fields() != other._set_fields():
             raise ValueError(
                 f"cannot {op} {self!r} and {other!r}: they specify different fields "
                 f"({self._set_fields()} vs {other._set_fields()})"
             )
-        return other
 
-    def _combine(self, other: object, sign: int, op: str) -> TrainingIteration:
-        other = self._check_same_fields(other, op)
-        if other is NotImplemented:
-            return NotImplemented
+    def _combine(self, other: TrainingIteration, sign: int, op: str) -> TrainingIteration:
+        self._check_same_fields(other, op)
         values = {f: getattr(self, f) + sign * getattr(other, f) for f in self._set_fields()}
         return TrainingIteration(**values)
 
     def __add__(self, other: object) -> TrainingIteration:
+        if not isinstance(other, TrainingIteration):
+            return NotImplemented
         return self._combine(other, 1, "add")
 
     def __sub__(self, other: object) -> TrainingIteration:
+        if not isinstance(other, TrainingIteration):
+            return NotImplemented
         return self._combine(other, -1, "subtract")
 
     def _key(self) -> tuple[int, ...]:
@@ -158,10 +159,10 @@ class TrainingIteration:
         return hash((self._set_fields(), self._key()))
 
     def _compare(self, other: object, op: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        checked = self._check_same_fields(other, "compare")
-        if checked is NotImplemented:
+        if not isinstance(other, TrainingIteration):
             raise TypeError(f"'{op}' not supported between TrainingIteration and {type(other).__name__}")
-        return self._key(), checked._key()
+        self._check_same_fields(other, "compare")
+        return self._key(), other._key()
 
     def __lt__(self, other: object) -> bool:
         a, b = self._compare(other, "<")
@@ -211,31 +212,46 @@ class UpdateCounter:
 
     @property
     def epoch(self) -> int:
-        return self.cur_iteration.epoch
+        return _counted(self.cur_iteration.epoch, "epoch")
 
     @property
     def update(self) -> int:
-        return self.cur_iteration.update
+        return _counted(self.cur_iteration.update, "update")
 
     @property
     def sample(self) -> int:
-        return self.cur_iteration.sample
+        return _counted(self.cur_iteration.sample, "sample")
 
     def next_epoch(self) -> None:
-        self.cur_iteration.epoch += 1
+        self.cur_iteration.epoch = self.epoch + 1
 
     def next_update(self) -> None:
-        self.cur_iteration.update += 1
+        self.cur_iteration.update = self.update + 1
 
     def add_samples(self, num_samples: int) -> None:
         if num_samples < 0:
             raise ValueError(f"num_samples must be >= 0, got {num_samples}")
-        self.cur_iteration.sample += num_samples
+        self.cur_iteration.sample = self.sample + num_samples
+
+    @property
+    def end_update(self) -> int:
+        """The update at which training ends."""
+        return _counted(self.end_iteration.update, "end update")
+
+    @property
+    def at_epoch_end(self) -> bool:
+        """Whether the update just made closes an epoch."""
+        return self.update % self.updates_per_epoch == 0
 
     @property
     def is_full_epoch(self) -> bool:
-        """Whether the current update closes an epoch."""
-        return self.cur_iteration.update % self.updates_per_epoch == 0
+        """Deprecated: the old name of `at_epoch_end`."""
+        warnings.warn(
+            "UpdateCounter.is_full_epoch is deprecated; use UpdateCounter.at_epoch_end",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.at_epoch_end
 
     @property
     def is_finished(self) -> bool:
@@ -247,3 +263,13 @@ class UpdateCounter:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.cur_iteration = TrainingIteration.from_dict(dict(state))
+
+
+def _counted(value: int | None, field: str) -> int:
+    """A field of the counter's iteration, which is fully specified unless a partial state was loaded."""
+    if value is None:
+        raise ValueError(
+            f"the update counter's iteration has no {field}; "
+            "load a fully specified iteration such as {'epoch': 1, 'update': 8, 'sample': 64}"
+        )
+    return value
