@@ -57,7 +57,7 @@ def test_checkpoint_filename_builds_contract_names():
         "ae_ema=0.999_cp=latest_model.th"
     )
     assert checkpoint_filename("ae", "last", "model", fmt="safetensors") == "ae_cp=last_model.safetensors"
-    with pytest.raises(ValueError, match="kind"):
+    with pytest.raises(ValueError, match="role"):
         checkpoint_filename("ae", "last", "weights")
 
 

@@ -140,7 +140,7 @@ def test_every_accepted_name_tag_and_info_round_trips():
             continue
         filename = checkpoint_filename(name, tag, kind, info_text, fmt)  # must not raise for valid parts
         parsed = parse_checkpoint_filename(filename)
-        assert parsed is not None and (parsed.name, parsed.tag, parsed.kind, parsed.info) == (
+        assert parsed is not None and (parsed.name, parsed.tag, parsed.role, parsed.info) == (
             name,
             tag,
             kind,

@@ -1,6 +1,6 @@
 """The checkpoint file-name grammar, in both directions, and name/tag validation.
 
-    <name>[_<info>]_cp=<tag>_<kind>.<ext>      a checkpoint file (kind: model | optim | trainer)
+    <name>[_<info>]_cp=<tag>_<role>.<ext>      a checkpoint file (role: model | optim | trainer)
     <name>[_<info>]_cp=<tag>.manifest.json     the manifest of one set (see ksuit.storage)
     .<final name>.<token>.tmp                  a file being written (token: 8 hex digits)
     .ksuit-journal.<seq>.json                  a set switch in progress (seq: its commit sequence)
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from ksuit.utils.training import TrainingIteration
 
-KINDS = ("model", "optim", "trainer")
+ROLES = ("model", "optim", "trainer")
 EXTENSIONS = {"torch": "th", "safetensors": "safetensors"}
 LATEST = "latest"
 LAST = "last"
@@ -33,7 +33,7 @@ _INFO_PART = _INFO_KEY + r"=[^_/\\]*"
 # matched with fullmatch: `$` would also match before a trailing newline
 _FILE_RE = re.compile(
     r"(?P<name>[^/\\]+?)(?P<info>(?:_" + _INFO_PART + r")*)_cp=(?P<tag>[^/\\]+)"
-    r"_(?P<kind>model|optim|trainer)\.(?P<ext>th|safetensors)"
+    r"_(?P<role>model|optim|trainer)\.(?P<ext>th|safetensors)"
 )
 _MANIFEST_RE = re.compile(
     r"(?P<name>[^/\\]+?)(?P<info>(?:_" + _INFO_PART + r")*)_cp=(?P<tag>[^/\\]+)" + re.escape(MANIFEST_SUFFIX)
@@ -141,7 +141,7 @@ class CheckpointName:
 
     name: str
     tag: str
-    kind: str
+    role: str
     info: str = ""
     ext: str = "th"
 
@@ -152,7 +152,7 @@ class CheckpointName:
 
     @property
     def filename(self) -> str:
-        return f"{self.group}_cp={self.tag}_{self.kind}.{self.ext}"
+        return f"{self.group}_cp={self.tag}_{self.role}.{self.ext}"
 
     @property
     def format(self) -> str:
@@ -166,20 +166,20 @@ class CheckpointName:
         return None
 
 
-def checkpoint_filename(name: str, tag: str, kind: str, info: str = "", fmt: str = "torch") -> str:
-    """`<name>[_<info>]_cp=<tag>_<kind>.<ext>`, validating every part; the name always parses
+def checkpoint_filename(name: str, tag: str, role: str, info: str = "", fmt: str = "torch") -> str:
+    """`<name>[_<info>]_cp=<tag>_<role>.<ext>`, validating every part; the name always parses
     back into the same parts."""
     validate_name(name)
     validate_tag(tag)
-    if kind not in KINDS:
-        raise ValueError(f"unknown checkpoint kind {kind!r}; known: {', '.join(KINDS)}")
+    if role not in ROLES:
+        raise ValueError(f"unknown checkpoint file role {role!r}; known: {', '.join(ROLES)}")
     if fmt not in EXTENSIONS:
         raise ValueError(f"unknown format {fmt!r}; known: {', '.join(EXTENSIONS)}")
     if info and (not isinstance(info, str) or _INFO_RE.fullmatch(info) is None or _unprintable(info)):
         raise ValueError(
             f"info {info!r} is not of the form 'key=value[_key=value...]'; build it with format_info"
         )
-    parts = CheckpointName(name, tag, kind, info, EXTENSIONS[fmt])
+    parts = CheckpointName(name, tag, role, info, EXTENSIONS[fmt])
     if parse_checkpoint_filename(parts.filename) != parts:  # the grammar's promise, checked
         raise ValueError(
             f"{name!r}, {tag!r} and {info!r} would not be read back from a file name; rename them"
@@ -195,7 +195,7 @@ def parse_checkpoint_filename(filename: str) -> CheckpointName | None:
     return CheckpointName(
         name=match["name"],
         tag=match["tag"],
-        kind=match["kind"],
+        role=match["role"],
         info=match["info"].lstrip("_"),
         ext=match["ext"],
     )

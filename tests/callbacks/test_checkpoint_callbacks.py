@@ -16,7 +16,7 @@ def tiny(tmp_path, *overrides, **kwargs):
 
 
 def files(prepared):
-    return sorted((c.model_name, c.info, c.tag, c.kind) for c in list_checkpoints(prepared.run_dir))
+    return sorted((c.model_name, c.info, c.tag, c.role) for c in list_checkpoints(prepared.run_dir))
 
 
 def test_the_tiny_runs_files(tmp_path):
@@ -44,7 +44,7 @@ def test_the_tiny_runs_files(tmp_path):
 def test_progress_saves_with_optimizer_state_are_resumable(tmp_path):
     prepared = tiny(tmp_path, "callbacks=[{kind: checkpoint, every_n_epochs: 1, save_last: false}]")
     run(prepared)
-    tags = {c.tag for c in list_checkpoints(prepared.run_dir) if c.kind == "trainer"}
+    tags = {c.tag for c in list_checkpoints(prepared.run_dir) if c.role == "trainer"}
     assert tags == {"E1_U8_S64", "E2_U16_S128", "E3_U24_S192"}
 
 

@@ -115,5 +115,5 @@ def test_listing_gives_latest_its_iteration_from_the_manifest(run):
     assert len(infos) == 4 * 5  # U1, U2, U3, latest x (2 models, 2 optims, trainer)
     latest = [i for i in infos if i.tag == "latest"]
     assert {str(i.training_iteration) for i in latest} == {"E0_U3_S0"}
-    encoder_models = [i.tag for i in infos if i.model_name == "autoencoder.encoder" and i.kind == "model"]
+    encoder_models = [i.tag for i in infos if i.model_name == "autoencoder.encoder" and i.role == "model"]
     assert encoder_models == ["E0_U1_S0", "E0_U2_S0", "E0_U3_S0", "latest"]

@@ -119,7 +119,7 @@ def work(run_root: str, mode: str, seed: int) -> None:
             leaf.optimizer.zero_grad()
         counter.next_update()
         counter.add_samples(BATCH)
-        if counter.is_full_epoch:
+        if counter.at_epoch_end:
             counter.next_epoch()
         writer.save(
             model,

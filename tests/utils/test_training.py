@@ -120,6 +120,4 @@ def test_at_epoch_end_and_its_deprecated_name():
         uc.next_update()
         ends.append(uc.at_epoch_end)
     assert ends == [False, True, False, True]
-    with pytest.warns(DeprecationWarning, match="use UpdateCounter.at_epoch_end"):
-        assert uc.is_full_epoch is True
     assert uc.end_update == 4

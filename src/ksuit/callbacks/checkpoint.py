@@ -8,7 +8,9 @@ from typing import TYPE_CHECKING, Any
 
 from ksuit.callbacks.base import PeriodicCallback
 from ksuit.layout import LAST, LATEST, validate_tag
-from ksuit.writers import CheckpointWriter
+from ksuit.models.selection import select_leaves
+from ksuit.utils.units import human_bytes
+from ksuit.writers import SaveSpec
 
 if TYPE_CHECKING:
     from ksuit.models import ModelBase
@@ -17,14 +19,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 TRAINER_FILE_BYTES = 16 * 1024  # counter, callback states and RNG states: a few KiB per rank
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
 
 
 def weights_nbytes(leaf: ModelBase) -> int:
@@ -84,70 +78,47 @@ class CheckpointCallback(PeriodicCallback):
                 f"checkpoint callback '{self.name}' saves nothing; set save_weights, save_optim, "
                 "save_latest_weights or save_latest_optim"
             )
-        self.save_weights = save_weights
-        self.save_optim = save_optim
-        self.save_latest_weights = save_latest_weights
-        self.save_latest_optim = save_latest_optim
-        self.model_names = None if model_names is None else list(model_names)
+        self.spec = SaveSpec(
+            save_weights=save_weights,
+            save_optim=save_optim,
+            save_latest_weights=save_latest_weights,
+            save_latest_optim=save_latest_optim,
+            model_names_to_save=None if model_names is None else tuple(model_names),
+            save_frozen_weights=save_frozen_weights,
+        )
         self.save_last = save_last
-        self.save_frozen_weights = save_frozen_weights
         self.estimated_bytes: int | None = None
+
+    @property
+    def model_names(self) -> list[str] | None:
+        names = self.spec.model_names_to_save
+        return None if names is None else list(names)
 
     @property
     def resumable(self) -> bool:
         """Whether this callback's sets carry optimizer state, and so a trainer file."""
-        return self.save_optim or self.save_latest_optim
-
-    def _save(
-        self,
-        trainer: BaseTrainer,
-        tag: str,
-        weights: bool,
-        optim: bool,
-        latest_weights: bool = False,
-        latest_optim: bool = False,
-    ) -> None:
-        trainer.save_checkpoint(
-            tag,
-            include_trainer=self.resumable,
-            save_weights=weights,
-            save_optim=optim,
-            save_latest_weights=latest_weights,
-            save_latest_optim=latest_optim,
-            model_names=self.model_names,
-            save_frozen_weights=self.save_frozen_weights,
-        )
+        return self.spec.resumable
 
     def invoke(self, trainer: BaseTrainer) -> None:
-        if self.save_weights or self.save_optim:
-            tag = str(trainer.update_counter.cur_iteration)
-            self._save(
-                trainer,
-                tag,
-                self.save_weights,
-                self.save_optim,
-                self.save_latest_weights,
-                self.save_latest_optim,
+        if self.spec.writes_progress:
+            trainer.save_checkpoint(
+                str(trainer.update_counter.cur_iteration), self.spec, include_trainer=self.resumable
             )
         else:
-            self._save(trainer, LATEST, self.save_latest_weights, self.save_latest_optim)
+            trainer.save_checkpoint(LATEST, self.spec.latest_only(), include_trainer=self.resumable)
 
     def after_training(self, trainer: BaseTrainer) -> None:
         if self.save_last:
-            self._save(
-                trainer,
-                LAST,
-                self.save_weights or self.save_latest_weights,
-                self.save_optim or self.save_latest_optim,
-            )
+            trainer.save_checkpoint(LAST, self.spec.merged(), include_trainer=self.resumable)
 
     def before_training(self, trainer: BaseTrainer) -> None:
-        leaves = CheckpointWriter.select_leaves(trainer.model, self.model_names)  # also checks the names
+        leaves = select_leaves(trainer.model, self.model_names)  # also checks the names
         self.estimated_bytes = self.estimate_bytes(trainer, leaves)
 
     def estimate_bytes(self, trainer: BaseTrainer, leaves: list[tuple[str, ModelBase]]) -> int:
         """Disk the files of this callback will take by the end of the run (logged on rank 0)."""
-        if not self.save_frozen_weights:
+        spec = self.spec
+        if not spec.save_frozen_weights:
             leaves = [(n, leaf) for n, leaf in leaves if not leaf.is_frozen]
         weights = sum(weights_nbytes(leaf) for _, leaf in leaves)
         optim = sum(optimizer_nbytes(leaf) for _, leaf in leaves)
@@ -159,17 +130,13 @@ class CheckpointCallback(PeriodicCallback):
             trainer.updates_per_epoch,
             trainer.effective_batch_size,
         )
-        per_save = weights * self.save_weights + optim * self.save_optim
+        per_save = weights * spec.save_weights + optim * spec.save_optim
         periodic = saves * (per_save + trainer_file) if per_save else 0
-        latest = weights * self.save_latest_weights + optim * self.save_latest_optim
+        latest = weights * spec.save_latest_weights + optim * spec.save_latest_optim
         latest = latest + trainer_file if latest and saves else 0
         last = 0
         if self.save_last:
-            last = (
-                weights * (self.save_weights or self.save_latest_weights)
-                + optim * (self.save_optim or self.save_latest_optim)
-                + trainer_file
-            )
+            last = weights * spec.merged().save_weights + optim * spec.merged().save_optim + trainer_file
         total = periodic + latest + last
         if trainer.rank == 0:
             parts = []
@@ -222,7 +189,7 @@ class BestCheckpointCallback(PeriodicCallback):
         self.best_iteration: dict[str, int] | None = None
 
     def before_training(self, trainer: BaseTrainer) -> None:
-        CheckpointWriter.select_leaves(trainer.model, self.model_names)  # checks the names early
+        select_leaves(trainer.model, self.model_names)  # checks the names early
 
     def is_better(self, value: float) -> bool:
         if math.isnan(value):
@@ -255,9 +222,9 @@ class BestCheckpointCallback(PeriodicCallback):
         previous = self.best_value
         self.best_value = value
         self.best_iteration = dict(counter.cur_iteration)
-        trainer.save_checkpoint(
-            self.tag, include_trainer=False, save_weights=True, save_optim=False, model_names=self.model_names
-        )
+        names = None if self.model_names is None else tuple(self.model_names)
+        spec = SaveSpec(save_weights=True, save_optim=False, model_names_to_save=names)
+        trainer.save_checkpoint(self.tag, spec, include_trainer=False)
         if trainer.rank == 0:
             logger.debug(
                 "new best %s %.6g (was %s) at %s: saved '%s'",

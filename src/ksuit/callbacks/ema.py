@@ -17,9 +17,9 @@ import torch
 
 from ksuit.callbacks.base import PeriodicCallback
 from ksuit.layout import LAST, LATEST, CheckpointName, checkpoint_filename, format_info
+from ksuit.models.selection import select_leaves
 from ksuit.readers import scan_sets
 from ksuit.storage import load_file
-from ksuit.writers import CheckpointWriter
 
 if TYPE_CHECKING:
     from ksuit.models import ModelBase
@@ -94,7 +94,7 @@ class EmaCallback(PeriodicCallback):
 
     # ---- averaging --------------------------------------------------------------------------------
     def before_training(self, trainer: BaseTrainer) -> None:
-        self.leaves = CheckpointWriter.select_leaves(trainer.model, self.model_names)
+        self.leaves = select_leaves(trainer.model, self.model_names)
         self.ema = {
             (name, f): {k: v.detach().clone() for k, v in leaf.state_dict().items()}
             for name, leaf in self.leaves
@@ -190,7 +190,7 @@ class EmaCallback(PeriodicCallback):
                         point.training_iteration,
                     )
                 # `.th` or `.safetensors`: the format of the run that wrote it
-                info = next(i for i in chosen.files.values() if i.kind == "model")
+                info = next(i for i in chosen.files.values() if i.role == "model")
                 state = load_file(info.path)["state_dict"]
                 target = self.ema[(name, f)]
                 if set(state) != set(target):

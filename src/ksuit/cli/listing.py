@@ -95,7 +95,7 @@ def inspect_command(
     """
     with exit_on_errors():
         folder, name = split_file_location(file)
-        sizes = {e.name: e for e in folder.entries()} if folder.kind() == "folder" else {}
+        sizes = {e.name: e for e in folder.entries()} if folder.exists_as() == "folder" else {}
         if name not in sizes or sizes[name].problem is not None:
             raise fail(
                 f"{file} is not a file; pass a checkpoint file such as "

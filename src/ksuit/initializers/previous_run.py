@@ -11,10 +11,10 @@ from typing import TYPE_CHECKING, Any
 
 from ksuit.initializers.base import Initializer, describe_spec, parse_checkpoint_spec
 from ksuit.layout import LATEST, format_info
+from ksuit.models.selection import select_leaves
 from ksuit.readers import CheckpointInfo, list_checkpoints, load_model_payload
 from ksuit.readers.listing import checkpoint_folder, read_folder
 from ksuit.utils.training import TrainingIteration
-from ksuit.writers import CheckpointWriter
 
 if TYPE_CHECKING:
     from ksuit.trainers.base import BaseTrainer
@@ -125,7 +125,7 @@ class PreviousRunInitializer(Initializer):
         copy such as a `ksuit export` of it, which may be older."""
         want_info = "" if self.ema_factor is None else format_info({"ema": float(self.ema_factor)})
         candidates = [
-            i for i in infos if i.model_name == source_name and i.kind == "model" and i.info == want_info
+            i for i in infos if i.model_name == source_name and i.role == "model" and i.info == want_info
         ]
         matching = [i for i in candidates if self._matches(i)]
         if not matching:
@@ -151,7 +151,7 @@ class PreviousRunInitializer(Initializer):
         model = trainer.model
         infos = list_checkpoints(self.run_dir)
         listed = set(read_folder(checkpoint_folder(self.run_dir)).owner)
-        for name, leaf in CheckpointWriter.select_leaves(model, self.model_names):
+        for name, leaf in select_leaves(model, self.model_names):
             source = (
                 name if self.source_model_name is None else self.source_model_name + name[len(model.name) :]
             )

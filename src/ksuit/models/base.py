@@ -169,4 +169,3 @@ def require_ksuit_model(model: object) -> None:
 
 
 # the old name; ksuit.writers still imports it (to be switched to require_ksuit_model, then removed)
-unwrap_check = require_ksuit_model

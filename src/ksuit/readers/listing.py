@@ -78,10 +78,10 @@ def find_checkpoint_dir(run_dir: Location | Backend) -> Path | str:
 
 def _checkpoint_folder(run: Backend) -> Backend:
     where = run.location
-    kind = run.kind()
-    if kind == "missing":
+    exists_as = run.exists_as()
+    if exists_as == "missing":
         raise FileNotFoundError(f"run folder {where} does not exist; pass <output_root>/<run_id>")
-    if kind == "file":
+    if exists_as == "file":
         raise NotADirectoryError(f"{where} is a file; pass the run folder (<output_root>/<run_id>)")
     folders = run.folders()
     if "checkpoints" in folders:
@@ -188,7 +188,7 @@ def listed_checkpoints(listing: FolderListing) -> list[CheckpointInfo]:
             CheckpointInfo(
                 model_name=name.name,
                 tag=name.tag,
-                role=name.kind,
+                role=name.role,
                 path=listing.folder.file_ref(entry.name),
                 size_bytes=entry.size,
                 training_iteration=_iteration_of(name, listing, owner),

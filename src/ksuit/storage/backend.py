@@ -163,7 +163,7 @@ class Backend(ABC):
         """The backend of the subfolder `name` (which need not exist)."""
 
     @abstractmethod
-    def kind(self) -> Literal["folder", "file", "missing"]:
+    def exists_as(self) -> Literal["folder", "file", "missing"]:
         """What the folder's own location holds."""
 
     @abstractmethod

@@ -30,7 +30,7 @@ def converted_name(name: str, to: str) -> str:
     if parsed is None:
         stem = name.rsplit(".", 1)[0] if "." in name else name
         return f"{stem}.{EXTENSIONS[to]}"
-    return checkpoint_filename(parsed.name, parsed.tag, parsed.kind, parsed.info, fmt=to)
+    return checkpoint_filename(parsed.name, parsed.tag, parsed.role, parsed.info, fmt=to)
 
 
 def convert_file(
@@ -56,7 +56,7 @@ def convert_file(
     if to == "safetensors":
         fmt.split_payload(payload)  # fails before any byte is written when it cannot convert
     with backend.lock():
-        exists = backend.kind() == "folder" and any(e.name == name for e in backend.entries())
+        exists = backend.exists_as() == "folder" and any(e.name == name for e in backend.entries())
         if exists and not overwrite:
             raise FileExistsError(f"{where} already exists; pass --force to replace it")
         owner = _manifest_listing(backend, name) if exists else None

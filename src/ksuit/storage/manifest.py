@@ -21,7 +21,7 @@ from typing import Annotated, Literal
 import pydantic_core
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
-from ksuit.layout import KINDS, manifest_filename, parse_checkpoint_filename
+from ksuit.layout import ROLES, manifest_filename, parse_checkpoint_filename
 from ksuit.storage.backend import Backend, Entry, Location
 from ksuit.storage.errors import CorruptCheckpointError, UnsafeCheckpointError
 
@@ -120,7 +120,7 @@ class _EntrySchema(BaseModel):
     model_config = _STRICT
     size: _Count
     checksum: Annotated[str, Field(pattern=r"^[0-9a-f]{16}$")]
-    kind: Literal[KINDS] | None = None  # type: ignore[valid-type]
+    kind: Literal[ROLES] | None = None  # type: ignore[valid-type]  # the JSON key of `role`
     training_iteration: _Iteration | None = None
 
 

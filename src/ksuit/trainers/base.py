@@ -31,7 +31,7 @@ from ksuit.trainers.rng import seed_everything
 from ksuit.trainers.signals import StopRequest, TrainingInterrupted
 from ksuit.utils import distributed
 from ksuit.utils.training import UpdateCounter
-from ksuit.writers import CheckpointWriter
+from ksuit.writers import CheckpointWriter, SaveSpec
 
 logger = logging.getLogger(__name__)
 
@@ -326,40 +326,21 @@ class BaseTrainer:
 
     # ---- checkpoints ----------------------------------------------------------------------------
     def save_checkpoint(
-        self,
-        checkpoint_tag: str,
-        *,
-        include_trainer: bool = True,
-        save_weights: bool = True,
-        save_optim: bool = True,
-        save_latest_weights: bool = False,
-        save_latest_optim: bool = False,
-        model_names: list[str] | None = None,
-        save_frozen_weights: bool = True,
+        self, checkpoint_tag: str, spec: SaveSpec = SaveSpec(), *, include_trainer: bool = True
     ) -> list[str]:
-        """Saves the model through `CheckpointWriter.save` (with this trainer's state when
+        """Saves the model through `CheckpointWriter.save_spec` (with this trainer's state when
         `include_trainer`), then tells every callback which tags now hold a trainer file; the
         files the callbacks write then join the same atomic set switch (`CheckpointWriter.batch`).
 
         Every rank must call it (the trainer state gathers RNG states); only rank 0 writes.
         Returns the tags written with a trainer file.
         """
-        tags = [checkpoint_tag] if include_trainer else []
-        if include_trainer and (save_latest_weights or save_latest_optim) and checkpoint_tag != LATEST:
-            tags.append(LATEST)
+        tags = spec.trainer_tags(checkpoint_tag) if include_trainer else []
         # one atomic switch for the model, optimizer and trainer files and whatever the callbacks
         # add for the same tags (EMA weights): a crash leaves all of them old or all new
         with self.checkpoint_writer.batch():
-            self.checkpoint_writer.save(
-                self.model,
-                checkpoint_tag,
-                trainer=self if include_trainer else None,
-                save_weights=save_weights,
-                save_optim=save_optim,
-                save_latest_weights=save_latest_weights,
-                save_latest_optim=save_latest_optim,
-                model_names_to_save=model_names,
-                save_frozen_weights=save_frozen_weights,
+            self.checkpoint_writer.save_spec(
+                self.model, checkpoint_tag, spec, trainer=self if include_trainer else None
             )
             if tags:
                 for cb in self._ordered_callbacks():
@@ -370,7 +351,7 @@ class BaseTrainer:
         it = self.update_counter.cur_iteration.copy()
         if self.rank == 0:
             logger.warning("received signal %d: saving '%s' at %s before stopping", signum, LATEST, it)
-        self.save_checkpoint(LATEST, save_weights=True, save_optim=True)
+        self.save_checkpoint(LATEST, SaveSpec(save_weights=True, save_optim=True))
         self.checkpoint_writer.close()
         raise TrainingInterrupted(signum, it, LATEST, str(self.path_provider.run_output_path))
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import re
-import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -242,16 +241,6 @@ class UpdateCounter:
     def at_epoch_end(self) -> bool:
         """Whether the update just made closes an epoch."""
         return self.update % self.updates_per_epoch == 0
-
-    @property
-    def is_full_epoch(self) -> bool:
-        """Deprecated: the old name of `at_epoch_end`."""
-        warnings.warn(
-            "UpdateCounter.is_full_epoch is deprecated; use UpdateCounter.at_epoch_end",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return self.at_epoch_end
 
     @property
     def is_finished(self) -> bool:

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ksuit.layout import checkpoint_filename, parse_checkpoint_filename, validate_output_name, validate_tag
-from ksuit.models.base import ModelBase, unwrap_check
+from ksuit.models.base import ModelBase, require_ksuit_model
 from ksuit.models.selection import select_leaves
 from ksuit.schemas.models import ModelBaseConfig
 from ksuit.storage import AsyncSetWriter, PendingFile, SetSink, SetWriter, WrittenFile, open_backend
@@ -135,7 +135,7 @@ class CheckpointWriter:
             filename=output_name,
             payload=payload,
             fmt=format_of_path(output_name),
-            role=parsed.kind if parsed else "model",
+            role=parsed.role if parsed else "model",
             group=parsed.group if parsed else None,
             tag=parsed.tag if parsed else None,
             training_iteration=payload[CheckpointKeys.TRAINING_ITERATION],
@@ -189,7 +189,7 @@ class CheckpointWriter:
         trainer: SupportsStateDict | None = None,
     ) -> None:
         """`save` with its options as one `SaveSpec` (what the trainer and callbacks pass)."""
-        unwrap_check(model)
+        require_ksuit_model(model)
         validate_tag(checkpoint_tag)
         if trainer is not None and not callable(getattr(trainer, "state_dict", None)):
             raise TypeError(f"trainer must have a state_dict() method, got {type(trainer).__name__}")
@@ -276,9 +276,6 @@ class CheckpointWriter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    # select_leaves lives in ksuit.models; kept here for callers of ksuit 0.1
-    select_leaves = staticmethod(select_leaves)
 
     # ---- internals --------------------------------------------------------------------------
     def _model_payload(

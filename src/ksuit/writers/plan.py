@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ksuit.layout import LATEST
 
@@ -46,6 +46,31 @@ class SaveSpec:
     def resumable(self) -> bool:
         """Whether its sets carry optimizer state, the part only a resume needs."""
         return self.save_optim or self.save_latest_optim
+
+    @property
+    def writes_progress(self) -> bool:
+        """Whether a save writes files under its own (progress) tag, not only `latest`."""
+        return self.save_weights or self.save_optim
+
+    def latest_only(self) -> SaveSpec:
+        """The files `latest` gets, saved under `latest` alone."""
+        return replace(
+            self,
+            save_weights=self.save_latest_weights,
+            save_optim=self.save_latest_optim,
+            save_latest_weights=False,
+            save_latest_optim=False,
+        )
+
+    def merged(self) -> SaveSpec:
+        """Every kind of file the spec writes under any tag, under one tag (e.g. `last`)."""
+        return replace(
+            self,
+            save_weights=self.save_weights or self.save_latest_weights,
+            save_optim=self.save_optim or self.save_latest_optim,
+            save_latest_weights=False,
+            save_latest_optim=False,
+        )
 
     def plan(self, checkpoint_tag: str, with_trainer: bool) -> list[TagPlan]:
         """The tags a save under `checkpoint_tag` writes: the tag itself for `save_weights` /

@@ -157,7 +157,7 @@ class LocalBackend(Backend):
     def child(self, name: str) -> LocalBackend:
         return LocalBackend(self._file(name))
 
-    def kind(self) -> Literal["folder", "file", "missing"]:
+    def exists_as(self) -> Literal["folder", "file", "missing"]:
         try:
             mode = os.stat(self.path).st_mode
         except (FileNotFoundError, NotADirectoryError):
