@@ -44,6 +44,7 @@ SAVE_METHODS = [
     "memcpy",
     "ksuit_sync_torch",
     "ksuit_sync_torch_buffered",
+    "ksuit_sync_torch_crc",
     "ksuit_sync_safetensors",
     "ksuit_async",
     "torch_save",
@@ -254,6 +255,21 @@ def m_ksuit_sync_torch(ctx: dict) -> dict:
 def m_ksuit_sync_torch_buffered(ctx: dict) -> dict:
     """The same with the O_DIRECT stream switched off (`KSUIT_DIRECT_IO=0`): page-cache writes."""
     os.environ["KSUIT_DIRECT_IO"] = "0"
+    return _ksuit_sync(ctx, "torch")
+
+
+def m_ksuit_sync_torch_crc(ctx: dict) -> dict:
+    """The same `.th` save with torch's CRC-32 left on (ksuit turns it off: the manifest's xxh3
+    covers every byte): what that option costs."""
+    import torch
+
+    from ksuit.storage import formats
+
+    class WithCrc(formats.TorchFormat):
+        def write(self, payload, sink):
+            torch.save(payload, sink)
+
+    formats.FORMATS["torch"] = WithCrc()
     return _ksuit_sync(ctx, "torch")
 
 

@@ -13,6 +13,7 @@ LABELS = {
     "memcpy": "memcpy into touched memory",
     "ksuit_sync_torch": "**ksuit save, `.th`**",
     "ksuit_sync_torch_buffered": "ksuit save, `.th`, O_DIRECT off",
+    "ksuit_sync_torch_crc": "ksuit save, `.th`, torch's CRC-32 left on",
     "ksuit_sync_safetensors": "**ksuit save, safetensors weights**",
     "ksuit_async": "**ksuit async save** (steady state)",
     "torch_save": "`torch.save` + fsync",

@@ -10,13 +10,14 @@ import struct
 import subprocess
 import sys
 import textwrap
+import zipfile
 from pathlib import Path
 
 import pytest
 import torch
 
 from ksuit.storage import CorruptCheckpointError, UnsafeCheckpointError, load_file, loading, read_metadata
-from ksuit.storage.torch_zip import write_torch_zip
+from ksuit.storage.formats import TorchFormat
 from tests import hostile as h
 from tests.conftest import assert_bitwise_equal
 
@@ -282,6 +283,11 @@ def every_kind_of_payload() -> dict:
     }
 
 
+def _ksuit_write(payload, path) -> None:
+    with path.open("wb") as f:
+        TorchFormat().write(payload, f)
+
+
 def writers():
     from torch.utils.serialization import config
 
@@ -292,7 +298,7 @@ def writers():
     return {
         "torch.save": lambda p, path: torch.save(p, path),
         "torch.save unaligned": lambda p, path: torch_save(p, path, 1),
-        "ksuit": lambda p, path: write_torch_zip(p, path.open("wb")),
+        "ksuit": lambda p, path: _ksuit_write(p, path),
     }
 
 
@@ -312,16 +318,22 @@ def test_every_legitimate_payload_still_loads(tmp_path, writer, mmap):
     assert meta["scalar"] == {"shape": [], "dtype": "float32", "nbytes": 4}
 
 
-def test_zip64_records_and_offsets_pass_the_checks(tmp_path, monkeypatch):
-    """Files past 4 GiB use zip64 sizes and offsets; a lowered threshold takes that path here."""
-    from ksuit.storage import torch_zip
-
-    monkeypatch.setattr(torch_zip, "ZIP64_LIMIT", 100)
+def test_zip64_records_and_offsets_pass_the_checks(tmp_path):
+    """Files past 4 GiB use zip64 sizes and offsets: the same records, repacked with zip64 extra
+    fields on every entry, pass the checks and load."""
     payload = every_kind_of_payload()
-    path = tmp_path / "z64.th"
-    with open(path, "wb") as f:
-        write_torch_zip(payload, f)
-    assert_bitwise_equal(load_file(path, mmap=True)["state_dict"], payload["state_dict"])
+    plain, path = tmp_path / "plain.th", tmp_path / "z64.th"
+    torch.save(payload, plain)
+    with zipfile.ZipFile(plain) as src, zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as dst:
+        for info in src.infolist():
+            with src.open(info) as r, dst.open(info.filename, "w", force_zip64=True) as w:
+                w.write(r.read())
+    raw = path.read_bytes()
+    with zipfile.ZipFile(path) as z:
+        for info in z.infolist():  # each local header carries a zip64 extra field (id 0x0001)
+            name_len = int.from_bytes(raw[info.header_offset + 26 : info.header_offset + 28], "little")
+            assert raw[info.header_offset + 30 + name_len : info.header_offset + 32 + name_len] == b"\x01\x00"
+    assert_bitwise_equal(load_file(path)["state_dict"], payload["state_dict"])
 
 
 def test_read_metadata_bounds_what_it_describes(tmp_path, monkeypatch):
