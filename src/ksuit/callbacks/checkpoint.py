@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from ksuit.callbacks.base import PeriodicCallback
@@ -115,7 +116,7 @@ class CheckpointCallback(PeriodicCallback):
         leaves = select_leaves(trainer.model, self.model_names)  # also checks the names
         self.estimated_bytes = self.estimate_bytes(trainer, leaves)
 
-    def estimate_bytes(self, trainer: BaseTrainer, leaves: list[tuple[str, ModelBase]]) -> int:
+    def estimate_bytes(self, trainer: BaseTrainer, leaves: Sequence[tuple[str, ModelBase]]) -> int:
         """Disk the files of this callback will take by the end of the run (logged on rank 0)."""
         spec = self.spec
         if not spec.save_frozen_weights:

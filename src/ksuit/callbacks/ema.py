@@ -22,7 +22,7 @@ from ksuit.readers import scan_sets
 from ksuit.storage import load_file
 
 if TYPE_CHECKING:
-    from ksuit.models import ModelBase
+    from ksuit.models import Model
     from ksuit.readers import CheckpointSet, ResumePoint
     from ksuit.trainers.base import BaseTrainer
 
@@ -85,7 +85,7 @@ class EmaCallback(PeriodicCallback):
         self.save_weights = save_weights
         self.save_latest_weights = save_latest_weights
         self.save_last_weights = save_last_weights
-        self.leaves: list[tuple[str, ModelBase]] = []
+        self.leaves: list[tuple[str, Model]] = []
         self.ema: dict[tuple[str, float], dict[str, torch.Tensor]] = {}
         self._pairs: dict[
             float, tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]

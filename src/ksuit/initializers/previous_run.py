@@ -108,7 +108,7 @@ class PreviousRunInitializer(Initializer):
         self.patterns_to_rename = patterns_to_rename
         _rename_rules(patterns_to_rename)  # fail early on a bad rule
         self.strict = strict
-        self.loaded: dict[str, Path] = {}
+        self.loaded: dict[str, Path | str] = {}
 
     def _matches(self, info: CheckpointInfo) -> bool:
         spec = self.checkpoint

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -122,7 +122,7 @@ def build_model_from_payload(
     model_cls = resolve_kind_from_file(
         raw_config.get("kind"), ModelBase, context, trusted, what="model class (model_config.kind)"
     )
-    config = config_cls.model_validate(raw_config)
+    config = cast(type[ModelBaseConfig], config_cls).model_validate(raw_config)
     if config.kind != raw_config.get("kind"):
         raise ValueError(f"{source}: {config_cls.__qualname__} changed the model kind while validating it")
     return model_cls(model_config=config)

@@ -112,11 +112,12 @@ def scan_sets(run_dir: Location | Backend, checksum: bool = False) -> list[Check
         sets[key].files[info.name] = info
     for name, problem in listing.irregular.items():
         parsed_file = parse_checkpoint_filename(name)
-        key = owner.get(name) or (
+        found = owner.get(name) or (
             (parsed_file.group, parsed_file.tag) if parsed_file else parse_manifest_filename(name)
         )
-        if key is None:
+        if found is None:
             continue
+        key = found
         if key not in sets:
             sets[key] = CheckpointSet(*key, folder, None)
         sets[key].irregular[name] = problem

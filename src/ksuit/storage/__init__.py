@@ -3,12 +3,20 @@
 an asynchronous writer, and the one safe load function."""
 
 from ksuit.storage.async_writer import AsyncSetWriter
-from ksuit.storage.backend import Backend, Entry, OpenedFile, RecoveryReport, SetTransaction, WrittenFile
+from ksuit.storage.backend import (
+    Backend,
+    Entry,
+    Location,
+    OpenedFile,
+    RecoveryReport,
+    SetTransaction,
+    WrittenFile,
+)
 from ksuit.storage.errors import CorruptCheckpointError, UnsafeCheckpointError
 from ksuit.storage.formats import FORMATS, get_format
 from ksuit.storage.loading import load_file, load_opened, read_metadata
 from ksuit.storage.local import LocalBackend
-from ksuit.storage.locations import Location, open_backend, recover_folder, split_file_location
+from ksuit.storage.locations import open_backend, recover_folder, split_file_location
 from ksuit.storage.manifest import Manifest, ManifestEntry, read_manifest, verify_file
 from ksuit.storage.sets import PendingFile, SetSink, SetWriter
 

@@ -32,8 +32,7 @@ import threading
 import traceback
 import weakref
 
-from ksuit.storage.backend import Backend
-from ksuit.storage.locations import Location
+from ksuit.storage.backend import Backend, Location
 from ksuit.storage.sets import OnWritten, PendingFile, SetWriter
 from ksuit.storage.snapshot import SnapshotBuffer, SnapshotPool, take_snapshot
 

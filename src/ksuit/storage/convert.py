@@ -15,11 +15,11 @@ from __future__ import annotations
 import os
 
 from ksuit.layout import EXTENSIONS, checkpoint_filename, parse_checkpoint_filename, parse_manifest_filename
-from ksuit.storage.backend import Backend, WrittenFile
+from ksuit.storage.backend import Backend, Location, WrittenFile
 from ksuit.storage.errors import CorruptCheckpointError
-from ksuit.storage.formats import format_of_path, get_format
+from ksuit.storage.formats import SafetensorsFormat, format_of_path, get_format
 from ksuit.storage.loading import load_file
-from ksuit.storage.locations import Location, split_file_location
+from ksuit.storage.locations import split_file_location
 from ksuit.storage.manifest import read_manifest
 
 
@@ -53,7 +53,7 @@ def convert_file(
     if format_of_path(name) != to:
         raise ValueError(f"output {where} must end in .{EXTENSIONS[to]} for the {to} format")
     payload = load_file(source)
-    if to == "safetensors":
+    if isinstance(fmt, SafetensorsFormat):
         fmt.split_payload(payload)  # fails before any byte is written when it cannot convert
     with backend.lock():
         exists = backend.exists_as() == "folder" and any(e.name == name for e in backend.entries())

@@ -53,7 +53,7 @@ class Format(Protocol):
     def estimate_nbytes(self, payload: dict[str, Any]) -> int: ...
 
 
-def iter_tensors(obj: Any):
+def iter_tensors(obj: Any) -> Iterator[torch.Tensor]:
     """Every tensor in a nested dict/list/tuple payload."""
     if isinstance(obj, torch.Tensor):
         yield obj
@@ -222,7 +222,7 @@ class SafetensorsFormat:
                 t = t.cpu()
             if not t.is_contiguous():
                 t = t.contiguous()
-            sink.write(t.reshape(-1).view(torch.uint8).numpy())
+            sink.write(cast(Buffer, t.reshape(-1).view(torch.uint8).numpy()))
 
     def estimate_nbytes(self, payload: dict[str, Any]) -> int:
         state_dict = payload.get("state_dict") or {}

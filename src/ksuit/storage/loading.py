@@ -23,10 +23,10 @@ from typing import Any
 
 import torch
 
-from ksuit.storage.backend import Backend, OpenedFile
+from ksuit.storage.backend import Backend, Location, OpenedFile
 from ksuit.storage.errors import CorruptCheckpointError, UnsafeCheckpointError
 from ksuit.storage.formats import SAFETENSORS_DTYPES, SAFETENSORS_METADATA_MARKER, format_of_path
-from ksuit.storage.locations import Location, split_file_location
+from ksuit.storage.locations import split_file_location
 from ksuit.storage.torch_archive import HINT, check_torch_archive
 
 MAX_SAFETENSORS_HEADER_BYTES = 100 * 1024 * 1024  # the bound the safetensors library itself uses
@@ -82,7 +82,8 @@ def _read_header(f: OpenedFile) -> dict[str, Any]:
             path, f"it is not JSON ({str(e).splitlines()[0] or type(e).__name__})"
         ) from None
     _check_header(header, file_size - 8 - n, path)
-    return header
+    checked: dict[str, Any] = header
+    return checked
 
 
 def _check_header(header: Any, data_size: int, path: str) -> None:
@@ -227,14 +228,16 @@ class _Budget:
         self.values = MAX_DESCRIBED_VALUES
         self.chars = MAX_DESCRIBED_TOTAL_CHARS
 
-    def text(self, obj: str | bytes | bytearray) -> Any:
+    def text(self, obj: str | bytes | bytearray) -> str | bytes | bytearray:
         """`obj`, or its start with a note of what was cut (per string and in total)."""
         keep = max(min(len(obj), MAX_DESCRIBED_CHARS, self.chars), 0)
         self.chars -= keep
         if keep == len(obj):
             return obj
         note = f"... ({len(obj) - keep} more characters not shown)"
-        return obj[:keep] + (note.encode() if isinstance(obj, (bytes, bytearray)) else note)
+        if isinstance(obj, str):
+            return obj[:keep] + note
+        return bytes(obj[:keep]) + note.encode()
 
 
 def _describe(obj: Any, budget: _Budget, depth: int = 0) -> Any:

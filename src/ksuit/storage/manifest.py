@@ -87,7 +87,14 @@ class Manifest:
         except ValidationError as e:
             raise _invalid(source, _first_errors(e)) from None
         files = {
-            name: ManifestEntry(e.size, e.checksum, e.kind, e.training_iteration)
+            name: ManifestEntry(
+                e.size,
+                e.checksum,
+                e.kind,
+                None
+                if e.training_iteration is None
+                else {str(k): v for k, v in e.training_iteration.items()},
+            )
             for name, e in schema.files.items()
         }
         return cls(files=files, **schema.model_dump(exclude={"files"}))
@@ -95,6 +102,10 @@ class Manifest:
     def iterations(self) -> set[str]:
         """Distinct training iterations of the files (one element for a consistent set)."""
         return {json.dumps(e.training_iteration, sort_keys=True) for e in self.files.values()}
+
+
+def _iteration(value: Mapping[str, int] | None) -> dict[str, int] | None:
+    return None if value is None else {str(k): int(v) for k, v in value.items()}
 
 
 def check_entry_name(name: str) -> str:
@@ -133,7 +144,7 @@ class _ManifestSchema(BaseModel):
     run_id: str | None = None
     commit_sequence: Annotated[int, Field(ge=0)] | None = None
     version: Annotated[int, Field(ge=1, le=MANIFEST_VERSION)] = MANIFEST_VERSION
-    checksum_algorithm: Literal["xxh3_64"] = CHECKSUM_ALGORITHM
+    checksum_algorithm: Literal["xxh3_64"] = "xxh3_64"
 
 
 def _first_errors(e: ValidationError, n: int = 3) -> str:

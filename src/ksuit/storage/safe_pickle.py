@@ -79,7 +79,7 @@ class Node:
 
     __slots__ = ("kind", "name", "children", "leaf")
 
-    def __init__(self, kind: str, name: str = "", children: list | None = None, leaf: bool = False):
+    def __init__(self, kind: str, name: str = "", children: list[Any] | None = None, leaf: bool = False):
         self.kind = kind
         self.name = name
         self.children = children if children is not None else []
@@ -96,7 +96,7 @@ def is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def items_of(value: Any, kind: str = "tuple") -> list | None:
+def items_of(value: Any, kind: str = "tuple") -> list[Any] | None:
     """The items of a symbolic tuple (list, ...), or None if `value` is not one."""
     return value.children if isinstance(value, Node) and value.kind == kind else None
 
@@ -278,9 +278,9 @@ class _Machine:
         self.memo[index] = self.top()
 
     # -- one handler per opcode (name -> handler(arg))
-    def table(self) -> dict[str, Callable[[Any], None]]:
+    def table(self) -> dict[str, Callable[[Any], object]]:
         push = self.push
-        handlers: dict[str, Callable[[Any], None]] = dict.fromkeys(_CONSTANTS, push)
+        handlers: dict[str, Callable[[Any], object]] = dict.fromkeys(_CONSTANTS, push)
         handlers.update(
             {
                 "BINPUT": self.memo_put,
@@ -402,6 +402,7 @@ def _opcodes(data: bytes) -> Iterator[tuple[str, Any]]:
         elif code in _CODES:
             op = _CODES[code]
             stream.seek(pos)
+            assert op.arg is not None  # _CODES holds only opcodes with an argument
             yield op.name, op.arg.reader(stream)
             pos = stream.tell()
         else:

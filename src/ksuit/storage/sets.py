@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from ksuit.layout import manifest_filename
-from ksuit.storage.backend import Backend, WriteFn, WriteStream, WrittenFile
+from ksuit.storage.backend import Backend, Location, WriteFn, WriteStream, WrittenFile
 from ksuit.storage.errors import CorruptCheckpointError
 from ksuit.storage.formats import get_format
-from ksuit.storage.locations import Location, open_backend
+from ksuit.storage.locations import open_backend
 from ksuit.storage.manifest import Manifest, ManifestEntry, read_manifest
 
 logger = logging.getLogger(__name__)

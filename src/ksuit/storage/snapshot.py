@@ -18,9 +18,10 @@ import copy
 import ctypes
 import threading
 from collections import OrderedDict
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
+from typing_extensions import Buffer
 
 ALIGNMENT = 64
 
@@ -35,7 +36,11 @@ def _is_plain_dense(t: torch.Tensor) -> bool:
     )
 
 
-def _tensor_key(t: torch.Tensor) -> tuple:
+TensorKey = tuple[Any, ...]
+"""What identifies a tensor's bytes: device, storage, offset, shape, strides, dtype."""
+
+
+def _tensor_key(t: torch.Tensor) -> TensorKey:
     return (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
 
 
@@ -43,12 +48,12 @@ def _align(n: int) -> int:
     return (n + ALIGNMENT - 1) // ALIGNMENT * ALIGNMENT
 
 
-def collect_tensors(payload: Any) -> tuple[list[torch.Tensor], list[tuple], dict[int, int]]:
+def collect_tensors(payload: Any) -> tuple[list[torch.Tensor], list[TensorKey], dict[int, int]]:
     """The distinct dense, non-empty tensors with data of a payload in visit order, their keys,
     and `{id(tensor object): position}` for each of those tensor objects (aliases share a position)."""
     tensors: list[torch.Tensor] = []
-    keys: list[tuple] = []
-    position: dict[tuple, int] = {}
+    keys: list[TensorKey] = []
+    position: dict[TensorKey, int] = {}
     by_id: dict[int, int] = {}
 
     def visit(obj: Any) -> None:
@@ -113,7 +118,7 @@ class SnapshotBuffer:
 
     def __init__(self) -> None:
         self.buffers: list[torch.Tensor] = []
-        self._layouts: dict[int, tuple[list[tuple], torch.Tensor, list[torch.Tensor]]] = {}
+        self._layouts: dict[int, tuple[list[TensorKey], torch.Tensor, list[torch.Tensor]]] = {}
 
     def ensure(self, index: int, nbytes: int, pinned: bool) -> torch.Tensor:
         while len(self.buffers) <= index:
@@ -123,7 +128,7 @@ class SnapshotBuffer:
             self.buffers[index] = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
         return self.buffers[index]
 
-    def views(self, index: int, tensors: list[torch.Tensor], keys: list[tuple]) -> list[torch.Tensor]:
+    def views(self, index: int, tensors: list[torch.Tensor], keys: list[TensorKey]) -> list[torch.Tensor]:
         """Destination views, one per tensor, laid out by `plan_layout` in buffer `index`."""
         cached = self._layouts.get(index)
         if cached is not None and cached[0] == keys and cached[1] is self.buffers[index]:
@@ -155,7 +160,9 @@ def exact_region(flat: torch.Tensor, nbytes: int, start: int = 0) -> torch.Tenso
     """
     if nbytes == 0:
         return torch.empty(0, dtype=torch.uint8)
-    return torch.frombuffer(memoryview(flat.numpy()), dtype=torch.uint8, count=nbytes, offset=start)
+    return torch.frombuffer(
+        memoryview(cast(Buffer, flat.numpy())), dtype=torch.uint8, count=nbytes, offset=start
+    )
 
 
 def copy_into(dst: torch.Tensor, src: torch.Tensor) -> None:

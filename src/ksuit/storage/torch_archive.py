@@ -86,10 +86,11 @@ def _storage_numel(value: Any) -> tuple[int, int] | None:
     if not (isinstance(value, Node) and value.kind == "persistent"):
         return None
     items = items_of(value.children[0]) or []
-    return items[4], STORAGE_ITEMSIZE[global_name(items[1])]
+    name = global_name(items[1])
+    return (items[4], STORAGE_ITEMSIZE[name]) if name is not None else None
 
 
-def _check_tensor(args: tuple, dtype_index: int | None) -> str | None:
+def _check_tensor(args: tuple[Any, ...], dtype_index: int | None) -> str | None:
     n = 6 if dtype_index is None else 7
     if len(args) not in (n, n + 1):
         return f"{len(args)} arguments"
@@ -113,6 +114,7 @@ def _check_tensor(args: tuple, dtype_index: int | None) -> str | None:
     if len(args) == n + 1 and args[n] is not None and items_of(args[n], "dict") is None:
         return "metadata that is not a dict"
     if 0 not in size:
+        assert isinstance(size, list) and isinstance(stride, list)  # not problem strings, checked above
         end = offset + sum((s - 1) * st for s, st in zip(size, stride, strict=True)) + 1
         numel, storage_itemsize = storage
         if end * itemsize > numel * storage_itemsize or end >= 1 << 62:
@@ -120,18 +122,18 @@ def _check_tensor(args: tuple, dtype_index: int | None) -> str | None:
     return None
 
 
-def _check_parameter(args: tuple) -> str | None:
+def _check_parameter(args: tuple[Any, ...]) -> str | None:
     if len(args) != 3 or object_name(args[0]) not in _TENSOR_BUILDERS or not isinstance(args[1], bool):
         return "arguments that are not (tensor, requires_grad, hooks)"
     return None if _hooks(args[2]) else "backward_hooks of the wrong type"
 
 
-def _check_text_args(args: tuple) -> str | None:
+def _check_text_args(args: tuple[Any, ...]) -> str | None:
     ok = len(args) == 2 and all(isinstance(a, str) for a in args) and args[1].lower() in _ENCODINGS
     return None if ok else "arguments that are not (str, encoding)"
 
 
-def _check_bytearray(args: tuple) -> str | None:
+def _check_bytearray(args: tuple[Any, ...]) -> str | None:
     # bytearray(_codecs.encode(text, "latin1")) as pickle writes it; never an int: bytearray(n)
     # allocates n bytes
     if args == () or (
@@ -141,24 +143,24 @@ def _check_bytearray(args: tuple) -> str | None:
     return _check_text_args(args)
 
 
-def _check_complex(args: tuple) -> str | None:
+def _check_complex(args: tuple[Any, ...]) -> str | None:
     ok = len(args) <= 2 and all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args)
     return None if ok else "arguments that are not numbers"
 
 
-def _check_sequence_arg(args: tuple) -> str | None:
+def _check_sequence_arg(args: tuple[Any, ...]) -> str | None:
     ok = args == () or (len(args) == 1 and items_of(args[0], "list") is not None)
     return None if ok else "arguments that are not a list"
 
 
-def _check_size(args: tuple) -> str | None:
+def _check_size(args: tuple[Any, ...]) -> str | None:
     if len(args) != 1:
         return f"{len(args)} arguments"
     dims = _ints(args[0], "size")
     return dims if isinstance(dims, str) else None
 
 
-def _check_device(args: tuple) -> str | None:
+def _check_device(args: tuple[Any, ...]) -> str | None:
     ok = (
         1 <= len(args) <= 2
         and isinstance(args[0], str)

@@ -100,7 +100,8 @@ class _BlockWriter:
 
 def _run_job(future: Future[None], fn: Callable[..., None], args: tuple[Any, ...]) -> None:
     try:
-        future.set_result(fn(*args))
+        fn(*args)
+        future.set_result(None)
     except BaseException as e:  # handed to whoever waits on the future
         future.set_exception(e)
 

@@ -141,7 +141,7 @@ def _unsafe(path: Path, what: str) -> UnsafeCheckpointError:
 def _check_names(path: Path, temp: object, final: object) -> tuple[str, str]:
     if not is_plain_filename(final):
         raise _unsafe(path, f"names {final!r} as a final file, which is not a plain file name in its folder")
-    if not isinstance(temp, str) or temp_final_name(temp) != final:
+    if not isinstance(temp, str) or not isinstance(final, str) or temp_final_name(temp) != final:
         raise _unsafe(path, f"names {temp!r} as the temporary file of {final!r}, off ksuit's temp grammar")
     return temp, final
 

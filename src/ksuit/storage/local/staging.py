@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import stat
 import time
@@ -98,13 +99,13 @@ class LocalSetTransaction(SetTransaction):
 
     def commit(self, manifests: Sequence[tuple[str, bytes]], sequence: int) -> None:
         for name, data in manifests:
-            self._stage(name, lambda out, data=data: _write_all(out, data), len(data), name)
+            self._stage(name, functools.partial(_write_all, data=data), len(data), name)
         fsync_dir(self.folder)  # the staged names are durable before the journal naming them
         order = _switch_order(self.staged)
         journal = self.folder / journal_filename(sequence)
         self.current = journal
         entries = [x.entry() for x in order]
-        write_file_atomic(journal, lambda s: _write_all(s, encode_journal(sequence, entries)))
+        write_file_atomic(journal, functools.partial(_write_all, data=encode_journal(sequence, entries)))
         self.committed = True  # from here on, recovery completes the save
         _switch(self.folder, journal, order)
 
