@@ -423,3 +423,57 @@ def test_a_save_failing_at_interpreter_exit_ends_the_process_with_an_error(tmp_p
     assert not (out / "a" / "checkpoints" / "net_cp=E0_U0_S0_model.th").exists()
     payload = torch.load(out / "b" / "checkpoints" / "net_cp=E0_U0_S0_model.th", weights_only=True)
     assert torch.equal(payload["state_dict"]["w"], torch.full((8,), 1.0))
+
+
+@pytest.mark.parametrize(
+    "optimizer",
+    [
+        {"kind": "torch.optim.AdamW", "lr": 1e-3},
+        {"kind": "torch.optim.Adam", "lr": 1e-3, "amsgrad": True},
+        {"kind": "torch.optim.SGD", "lr": 0.1, "momentum": 0.9},
+        {"kind": "torch.optim.SGD", "lr": 0.1},
+        {"kind": "torch.optim.RMSprop", "lr": 0.1, "momentum": 0.5, "centered": True},
+        {"kind": "torch.optim.NAdam", "lr": 0.1},
+        {"kind": "torch.optim.Adagrad", "lr": 0.1},
+    ],
+)
+def test_snapshot_size_known_before_the_first_step_is_what_the_optimizer_holds_after_it(optimizer):
+    from ksuit.writers.sizing import snapshot_nbytes
+    from ksuit.zoo.autoencoder import AutoencoderConfig, DecoderConfig, EncoderConfig
+
+    config = AutoencoderConfig(
+        encoder=EncoderConfig(input_dim=16, hidden_dim=32, latent_dim=4, optimizer_config=optimizer),
+        decoder=DecoderConfig(latent_dim=4, hidden_dim=32, output_dim=16, optimizer_config=optimizer),
+    )
+    model = Autoencoder(config).initialize()
+    before, cuda = snapshot_nbytes(model)
+    train_one_step(model)
+    assert snapshot_nbytes(model) == (before, cuda) and not cuda
+
+
+def test_prepare_readies_the_memory_of_the_first_save_off_the_saving_thread(path_provider, update_counter):
+    model = Autoencoder(autoencoder_config()).initialize()  # no optimizer state yet, as at set-up
+    writer = CheckpointWriter(path_provider, update_counter, async_save=True, max_pending=2)
+    writer.prepare(model)
+    pool = writer.snapshot_pool
+    assert pool is not None and pool.wait_prepared(timeout=30)
+    prepared = [[(s.nbytes, s.touched) for s in b.segments] for b in pool.buffers]
+    assert all(len(p) == 1 and p[0][0] == p[0][1] > 0 for p in prepared)  # mapped and touched
+    train_one_step(model)
+    writer.save(model, "E1_U0_S0", trainer=FakeTrainer(update_counter), save_latest_weights=True)
+    writer.flush()
+    # the first save took its memory from the prepared segment: nothing more was allocated
+    assert [[(s.nbytes, s.touched) for s in b.segments] for b in pool.buffers] == prepared
+    assert sum(b.plans_made for b in pool.buffers) == 1
+    for tag in ("E1_U0_S0", "latest"):
+        s, _ = select_resume_set(path_provider.run_output_path, "autoencoder", tag)
+        assert s.ok
+    writer.close()
+
+
+def test_prepare_does_nothing_for_synchronous_saving(path_provider, update_counter):
+    writer = CheckpointWriter(path_provider, update_counter)
+    writer.prepare(Autoencoder(autoencoder_config()).initialize())
+    assert writer.snapshot_pool is None
+    with pytest.raises(TypeError):
+        writer.prepare(torch.nn.Linear(2, 2))

@@ -23,6 +23,7 @@ from ksuit.storage.snapshot import SnapshotPool
 from ksuit.utils.distributed import is_rank0
 from ksuit.writers.payload import check_state_dict, model_payload
 from ksuit.writers.plan import SaveSpec
+from ksuit.writers.sizing import snapshot_nbytes
 
 if TYPE_CHECKING:
     from ksuit.providers import PathProvider
@@ -223,6 +224,24 @@ class CheckpointWriter:
                     PendingFile(filename, trainer_state, "torch", "trainer", model.name, tag, iteration)
                 )
         self._submit(files)
+
+    def prepare(self, model: ModelBase) -> None:
+        """Readies the snapshot memory of asynchronous saves of `model` before the first save, off
+        the caller's thread, so the first save stalls training no longer than later ones.
+
+        Maps host memory for the weights, optimizer states (estimated where an optimizer has not
+        stepped yet: `ksuit.writers.sizing`) and trainer state of every leaf, `max_pending` times
+        (what as many saves take anyway), and touches it in a background thread; returns at once.
+        A save before that is done waits only for the part it needs that is not ready yet. Does
+        nothing for synchronous saving and on ranks other than 0. The trainer calls it at set-up.
+        """
+        require_ksuit_model(model)
+        if not self.async_save or not is_rank0():
+            return
+        nbytes, cuda = snapshot_nbytes(model)
+        sink = self._set_sink()
+        assert isinstance(sink, AsyncSetWriter)
+        sink.prepare(nbytes, pinned=cuda)
 
     @contextlib.contextmanager
     def batch(self) -> Iterator[CheckpointWriter]:
