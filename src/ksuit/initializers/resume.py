@@ -11,10 +11,9 @@ from ksuit.readers import (
     CheckpointSet,
     ResumePoint,
     find_checkpoint_dir,
-    load_model_payload,
+    load_resume_set,
     select_resume_set,
 )
-from ksuit.storage import load_file
 
 if TYPE_CHECKING:
     from ksuit.trainers.base import BaseTrainer
@@ -53,10 +52,16 @@ class ResumeInitializer(Initializer):
         return required
 
     def select(self, trainer: BaseTrainer) -> CheckpointSet:
+        """The set a resume would start from (every file checked against its manifest), without
+        loading it; `apply` chooses the same set and loads it in the same pass."""
         folder = find_checkpoint_dir(self.run_dir)
         chosen, skipped = select_resume_set(
             folder, trainer.model.name, self.checkpoint, self.required_files(trainer)
         )
+        self._chose(trainer, chosen, skipped)
+        return chosen
+
+    def _chose(self, trainer: BaseTrainer, chosen: CheckpointSet, skipped: list[tuple[str, str]]) -> None:
         self.chosen, self.skipped = chosen, skipped
         if trainer.rank == 0:
             for tag, reason in skipped:
@@ -65,28 +70,47 @@ class ResumeInitializer(Initializer):
                 "resuming from checkpoint '%s' (%s) in %s, asked for %s",
                 chosen.tag,
                 chosen.training_iteration,
-                folder,
+                chosen.folder.location,
                 describe_spec(self.checkpoint),
             )
-        return chosen
 
     def apply(self, trainer: BaseTrainer) -> None:
-        chosen = self.select(trainer)
+        """Chooses the set and loads it in one pass (`ksuit.readers.load_resume_set`: each file
+        read once, checked against its manifest from the bytes loaded), then restores the model,
+        the optimizers and the trainer from it."""
+        group = trainer.model.name
+        wanted = [(group, "trainer")]
         for name, leaf in trainer.model.iter_leaves():
-            weights = chosen.file(name, "model")
+            wanted.append((name, "model"))
+            if leaf.optimizer is not None:
+                wanted.append((name, "optim"))
+        loaded = load_resume_set(
+            find_checkpoint_dir(self.run_dir), group, self.checkpoint, self.required_files(trainer), wanted
+        )
+        chosen, payloads = loaded.chosen, loaded.payloads
+        self._chose(trainer, chosen, loaded.skipped)
+        for name, leaf in trainer.model.iter_leaves():
+            weights = payloads.get((name, "model"))
             if weights is None:
                 logger.warning(
                     "no weights of frozen %s in '%s'; it keeps its current weights", name, chosen.tag
                 )
             else:
-                leaf.load_state_dict(load_model_payload(weights.path)["state_dict"])
+                leaf.load_state_dict(_weights_of(weights, chosen, name))
             if leaf.optimizer is not None:
-                optim = chosen.file(name, "optim")
-                assert optim is not None  # select() returns only sets with every required file
-                leaf.optimizer.load_state_dict(load_file(optim.path))
-        trainer_file = chosen.file(trainer.model.name, "trainer")
-        assert trainer_file is not None  # select() returns only sets with a trainer file
-        trainer.load_state_dict(load_file(trainer_file.path), strict=self.strict)
+                # select returns only sets with every required file
+                leaf.optimizer.load_state_dict(payloads[(name, "optim")])
+        trainer.load_state_dict(payloads[(group, "trainer")], strict=self.strict)
         trainer.resumed_from = ResumePoint(
             chosen.folder.ref, chosen.tag, trainer.update_counter.cur_iteration.copy()
         )
+
+
+def _weights_of(payload: Any, chosen: CheckpointSet, name: str) -> Any:
+    if not isinstance(payload, dict) or "state_dict" not in payload:
+        info = chosen.file(name, "model")
+        raise ValueError(
+            f"{info.path if info else name} is not a ksuit weights file (no 'state_dict' key); "
+            "the set cannot be resumed from"
+        )
+    return payload["state_dict"]

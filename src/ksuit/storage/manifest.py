@@ -219,9 +219,15 @@ def verify_file(
         hashed = backend.checksum(name)
         if hashed is None:
             return "missing or no longer a regular file"
-        size, digest = hashed
-        if size != entry.size:
-            return f"size {size} != {entry.size} in manifest"
-        if digest != entry.checksum:
-            return f"checksum {digest} != {entry.checksum} in manifest"
+        return hash_problem(*hashed, entry)
+    return None
+
+
+def hash_problem(size: int, digest: str, entry: ManifestEntry) -> str | None:
+    """What is wrong with a file of `size` bytes hashing to `digest` that `entry` describes
+    (None: it matches). The one wording of a mismatch: `ksuit verify`, resume and loading use it."""
+    if size != entry.size:
+        return f"size {size} != {entry.size} in manifest"
+    if digest != entry.checksum:
+        return f"checksum {digest} != {entry.checksum} in manifest"
     return None

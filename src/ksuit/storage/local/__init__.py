@@ -90,7 +90,7 @@ from ksuit.storage.local.files import (
 from ksuit.storage.local.locking import folder_lock
 from ksuit.storage.local.recovery import ensure_recovered, journal_sequences, recover_folder
 from ksuit.storage.local.safe_files import (
-    hash_fd,
+    hash_mapped,
     hash_regular_file,
     not_regular_problem,
     open_regular,
@@ -120,7 +120,7 @@ class LocalFile(OpenedFile):
         return pinned_path(self.fd, self.path)
 
     def checksum(self) -> tuple[int, str]:
-        return hash_fd(self.fd)
+        return hash_mapped(self.fd)
 
     def close(self) -> None:
         if self.fd >= 0:
