@@ -250,7 +250,7 @@ class SnapshotBuffer:
             for r, region in enumerate(layout.regions)
             for pos, offset, _ in region.members
         ]
-        copies = plan_copies(dsts, devices, torch.get_num_threads())
+        copies = plan_copies(dsts, first, torch.get_num_threads())
         self.plans_made += 1
         return _Plan(keys, outs, met_pos, len(first), copies, claims)
 
