@@ -195,3 +195,28 @@ def test_a_changed_tensor_makes_the_next_save_plan_again():
     assert buffer.plans_made == 4 and torch.equal(snap["extra"], torch.ones(2))
     snap = take_snapshot([{"a": weights["a"]}], buffer)[0]  # one tensor less
     assert buffer.plans_made == 5 and list(snap) == ["a"]
+
+
+def test_a_forked_child_takes_snapshots_too():
+    # the copy helper threads stay in the parent; a child must not wait on their queues (tensors
+    # under torch's grain size: a parallel torch op in a forked child hangs in OpenMP, ksuit or not)
+    import os
+    import time
+
+    small = {f"t{i}": torch.full((1 << 14,), float(i)) for i in range(100)}  # 6.4 MiB: 2 threads
+    take_snapshot([small], SnapshotBuffer())
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        ok = all(torch.equal(v, small[k]) for k, v in take_snapshot([small], SnapshotBuffer())[0].items())
+        os._exit(0 if ok else 1)
+    deadline = time.monotonic() + 60
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            raise AssertionError("the forked child never finished its snapshot")
+        time.sleep(0.01)
+    assert os.waitstatus_to_exitcode(status) == 0

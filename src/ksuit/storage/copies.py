@@ -21,6 +21,7 @@ save and copies its share with the GIL released:
 from __future__ import annotations
 
 import ctypes
+import os
 import queue
 import threading
 from typing import Any, NamedTuple
@@ -126,6 +127,11 @@ class _Helpers:
         self._lock = threading.Lock()
         self._queues: list[queue.SimpleQueue[_Job]] = []
 
+    def forget(self) -> None:
+        """In a forked child: the helper threads stayed in the parent."""
+        self._lock = threading.Lock()
+        self._queues = []
+
     def _ensure(self, n: int) -> int:
         with self._lock:
             while len(self._queues) < n:
@@ -168,6 +174,8 @@ def _serve(jobs: queue.SimpleQueue[_Job]) -> None:
 
 
 _HELPERS = _Helpers()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_HELPERS.forget)
 _SIDE_STREAMS: dict[torch.device, Any] = {}
 
 

@@ -286,10 +286,23 @@ class _Releaser:
     """Closes descriptors in a helper thread (inline where no thread can be started)."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
         self._fds: list[int] = []
+        self._lock = threading.Lock()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
+
+    def forget(self) -> None:
+        """A fresh start (in a forked child: the thread stayed in the parent; the child closes
+        its copies of the descriptors waiting to be closed)."""
+        for fd in self._fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._fds = []
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._thread = None
 
     def release(self, fds: list[int]) -> None:
         if not fds:
@@ -322,3 +335,5 @@ class _Releaser:
 
 
 _RELEASER = _Releaser()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_RELEASER.forget)
