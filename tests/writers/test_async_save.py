@@ -20,7 +20,7 @@ from ksuit.storage.manifest import read_manifest, verify_file
 from ksuit.storage.snapshot import SnapshotPool
 from ksuit.writers import CheckpointWriter
 from ksuit.zoo.autoencoder import Autoencoder
-from tests.conftest import FakeTrainer, autoencoder_config, train_one_step
+from tests.conftest import FakeTrainer, assert_bitwise_equal, autoencoder_config, train_one_step
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -477,3 +477,36 @@ def test_prepare_does_nothing_for_synchronous_saving(path_provider, update_count
     assert writer.snapshot_pool is None
     with pytest.raises(TypeError):
         writer.prepare(torch.nn.Linear(2, 2))
+
+
+def test_two_tags_of_one_save_take_each_leaf_once_and_hold_its_snapshot_once(
+    path_provider, update_counter, model, monkeypatch
+):
+    from collections import Counter
+
+    from ksuit.models import Model
+    from ksuit.writers.sizing import snapshot_nbytes
+
+    calls = Counter()
+    original = Model.state_dict
+
+    def counting_state_dict(self, *args, **kwargs):
+        calls[self.name] += 1
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Model, "state_dict", counting_state_dict)
+    with CheckpointWriter(path_provider, update_counter, async_save=True) as writer:
+        writer.save(model, "E1_U0_S0", save_latest_weights=True, save_latest_optim=True)
+        writer.flush()
+        (buffer,) = writer.snapshot_pool.buffers
+        held = buffer.nbytes
+    assert calls == {"encoder": 1, "decoder": 1}
+    monkeypatch.setattr(Model, "state_dict", original)
+    assert held <= snapshot_nbytes(model)[0]  # weights and optimizer state once, not once per tag
+    folder = path_provider.checkpoint_path
+    for part in ("encoder", "decoder"):
+        for role in ("model", "optim"):
+            tagged = load_file(folder / f"autoencoder.{part}_cp=E1_U0_S0_{role}.th")
+            latest = load_file(folder / f"autoencoder.{part}_cp=latest_{role}.th")
+            tagged.pop("checkpoint_tag", None), latest.pop("checkpoint_tag", None)
+            assert_bitwise_equal(tagged, latest, f"{part} {role}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import gc
 import logging
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Protocol
@@ -28,6 +29,20 @@ from ksuit.writers.sizing import snapshot_nbytes
 if TYPE_CHECKING:
     from ksuit.providers import PathProvider
     from ksuit.utils.training import UpdateCounter
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """No cyclic garbage collection inside a save. Taking state dicts creates thousands of tensor
+    objects (and frees them after the save, creating no cycles), which would trigger collections,
+    a full one now and then, inside the time an asynchronous save stalls training."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 class SupportsStateDict(Protocol):
@@ -142,7 +157,8 @@ class CheckpointWriter:
             training_iteration=payload[CheckpointKeys.TRAINING_ITERATION],
         )
         if is_rank0():
-            self._submit([pending])
+            with _gc_paused():
+                self._submit([pending])
 
     def save(
         self,
@@ -195,26 +211,46 @@ class CheckpointWriter:
         if trainer is not None and not callable(getattr(trainer, "state_dict", None)):
             raise TypeError(f"trainer must have a state_dict() method, got {type(trainer).__name__}")
         leaves = select_leaves(model, spec.model_names_to_save)
-        # every rank takes part: trainer.state_dict() may gather RNG states collectively
-        trainer_state = trainer.state_dict() if trainer is not None else None
-        if trainer_state is not None:
-            check_state_dict(trainer_state, where="trainer.state_dict()")
-        if not is_rank0():
-            return
+        with _gc_paused():
+            # every rank takes part: trainer.state_dict() may gather RNG states collectively
+            trainer_state = trainer.state_dict() if trainer is not None else None
+            if trainer_state is not None:
+                check_state_dict(trainer_state, where="trainer.state_dict()")
+            if not is_rank0():
+                return
+            self._submit(self._files(model, leaves, checkpoint_tag, spec, trainer_state))
+
+    def _files(
+        self,
+        model: ModelBase,
+        leaves: list[tuple[str, Any]],
+        checkpoint_tag: str,
+        spec: SaveSpec,
+        trainer_state: dict[str, Any] | None,
+    ) -> list[PendingFile]:
+        """The files of one save. A leaf's weights and optimizer state are taken once, also when
+        two tags (a progress tag and `latest`) get them."""
         iteration = dict(self.update_counter.cur_iteration)
+        weights: dict[str, dict[str, Any]] = {}
+        optims: dict[str, dict[str, Any]] = {}
         files: list[PendingFile] = []
         for plan in spec.plan(checkpoint_tag, with_trainer=trainer_state is not None):
             tag = plan.tag
             for name, leaf in leaves:
                 if plan.weights and (spec.save_frozen_weights or not leaf.is_frozen):
-                    payload = self._model_payload(leaf.state_dict(), tag, leaf.model_config, {})
+                    state_dict = weights.get(name)
+                    if state_dict is None:
+                        state_dict = weights[name] = leaf.state_dict()
+                    payload = self._model_payload(state_dict, tag, leaf.model_config, {})
                     filename = checkpoint_filename(name, tag, "model", fmt=self.format)
                     files.append(
                         PendingFile(filename, payload, self.format, "model", model.name, tag, iteration)
                     )
                 if plan.optim and leaf.optimizer is not None:
                     filename = checkpoint_filename(name, tag, "optim")
-                    optim_state = leaf.optimizer.state_dict()
+                    optim_state = optims.get(name)
+                    if optim_state is None:
+                        optim_state = optims[name] = leaf.optimizer.state_dict()
                     files.append(
                         PendingFile(filename, optim_state, "torch", "optim", model.name, tag, iteration)
                     )
@@ -223,7 +259,7 @@ class CheckpointWriter:
                 files.append(
                     PendingFile(filename, trainer_state, "torch", "trainer", model.name, tag, iteration)
                 )
-        self._submit(files)
+        return files
 
     def prepare(self, model: ModelBase) -> None:
         """Readies the snapshot memory of asynchronous saves of `model` before the first save, off
@@ -271,7 +307,8 @@ class CheckpointWriter:
         files, self._batch = self._batch, None
         # a file saved twice in one batch (e.g. 'latest' by two callbacks) is written once, last wins
         unique = {f.filename: f for f in files}
-        self._submit(list(unique.values()))
+        with _gc_paused():
+            self._submit(list(unique.values()))
 
     def flush(self) -> None:
         """Blocks until every pending asynchronous save is on disk; re-raises a failed one."""
