@@ -12,6 +12,13 @@ tried, exactly as `select_resume_set` skips it; nothing is handed to the caller 
 file of the chosen set has matched. Files of the set the caller does not load (EMA weights, say)
 are hashed too: a set is used whole or not at all. A file that matches its manifest but cannot be
 loaded (refused by the safe loader) raises, as a load always did.
+
+Memory-mapped loading means that tensors a resume does not copy stay backed by their file until
+written: `load_state_dict` copies weights into the model, but a CPU optimizer keeps the loaded
+state tensors as they are, so each page is read from the page cache when first used and becomes
+private memory when the first step writes it (as with `torch.load(mmap=True)`). The mapping keeps
+the file's blocks allocated until the process ends, even after a later save replaced the file or
+retention deleted it: one optimizer file's worth of disk space per resume.
 """
 
 from __future__ import annotations
