@@ -136,7 +136,7 @@ def first_fit(layout: Layout, sizes: list[int]) -> list[tuple[int, int] | None]:
 class _Plan(NamedTuple):
     """What a save with the same tensors reuses (see the module docstring)."""
 
-    keys: list[TensorKey | None]  # per distinct tensor object met in walk order; None: not copied
+    keys: list[TensorKey | None]  # per tensor met, in walk order; None: not copied
     outs: list[torch.Tensor | None]  # its output, a view of the memory
     positions: list[int]  # its source position (-1 when not copied)
     sources: int  # distinct positions
@@ -207,13 +207,9 @@ class SnapshotBuffer:
         first: list[torch.Tensor] = []
         by_bytes: dict[TensorKey, int] = {}
         files: list[list[int]] = []
-        seen: set[int] = set()
         for f, payload in enumerate(payloads):
             in_file: dict[int, None] = {}
             for t in _tensors(payload):
-                if id(t) in seen:
-                    continue  # the walk answers a repeated object from its memo
-                seen.add(id(t))
                 key = _tensor_key(t) if t.numel() and _is_plain_dense(t) else None
                 pos = -1
                 if key is not None:
@@ -314,31 +310,30 @@ _IMMUTABLE = (str, int, float, bool, type(None), bytes, torch.Size, torch.dtype,
 def _walk(payloads: list[Any], plan: _Plan) -> tuple[list[Any], list[torch.Tensor]]:
     """Rebuilds the payloads with the plan's outputs in place of their tensors and collects the
     sources by position; raises `_Mismatch` at the first tensor the plan does not describe.
-    (The steady state's only Python work per tensor: kept to a key and a few lookups.)"""
+
+    The steady state's only Python work per tensor, so kept to a key, a comparison and a store.
+    A plain tensor met twice gets its (shared) view both times; an object that is wrapped
+    (Parameter, `requires_grad`) or cloned becomes one object in the copy, as in a file."""
     entries = iter(zip(plan.keys, plan.outs, plan.positions, strict=True))
     srcs: list[Any] = [None] * plan.sources
     memo: dict[int, Any] = {}
     Tensor = torch.Tensor
 
     def tensor(t: torch.Tensor) -> Any:
-        out = memo.get(id(t))
-        if out is not None:  # the same object twice in a payload is one object in the copy
-            return out
         want, out, pos = next(entries, _END)
         if want is None:
             if out is _END or t.numel() and _is_plain_dense(t):
                 raise _Mismatch
-            out = _clone_other(t)
-        else:
-            try:
-                if _tensor_key(t) != want:
-                    raise _Mismatch
-            except RuntimeError:  # no data_ptr (sparse)
-                raise _Mismatch from None
-            srcs[pos] = t
-            if want[1] is not Tensor or want[6]:
-                out = _wrap(t, cast(torch.Tensor, out))
-        memo[id(t)] = out
+            return _once(memo, t, lambda: _clone_other(t))
+        try:
+            key = (t.data_ptr(), type(t), t.dtype, t.shape, t.stride(), t.device, t.requires_grad)
+        except RuntimeError:  # no data_ptr (sparse)
+            raise _Mismatch from None
+        if key != want:
+            raise _Mismatch
+        srcs[pos] = t
+        if want[1] is not Tensor or want[6]:
+            return _once(memo, t, lambda: _wrap(t, cast(torch.Tensor, out)))
         return out
 
     def rebuild(obj: Any) -> Any:
@@ -348,11 +343,11 @@ def _walk(payloads: list[Any], plan: _Plan) -> tuple[list[Any], list[torch.Tenso
         if cls is dict:
             return {k: tensor(v) if type(v) is Tensor else rebuild(v) for k, v in obj.items()}
         if cls is OrderedDict:
-            return OrderedDict((k, tensor(v) if type(v) is Tensor else rebuild(v)) for k, v in obj.items())
+            return OrderedDict([(k, tensor(v) if type(v) is Tensor else rebuild(v)) for k, v in obj.items()])
         if cls is list:
             return [rebuild(v) for v in obj]
         if cls is tuple:
-            return tuple(rebuild(v) for v in obj)
+            return tuple([rebuild(v) for v in obj])
         if isinstance(obj, _IMMUTABLE):
             return obj
         return copy.deepcopy(obj)
@@ -361,6 +356,13 @@ def _walk(payloads: list[Any], plan: _Plan) -> tuple[list[Any], list[torch.Tenso
     if next(entries, None) is not None:
         raise _Mismatch
     return results, srcs
+
+
+def _once(memo: dict[int, Any], t: torch.Tensor, make: Any) -> Any:
+    out = memo.get(id(t))
+    if out is None:
+        out = memo[id(t)] = make()
+    return out
 
 
 _END: tuple[None, Any, int] = (None, object(), -1)
