@@ -152,12 +152,17 @@ def prepare_resume_files(ctx: dict) -> dict:
 
 
 def _empty_model(scale: float) -> Any:
-    """The benchmark model with uninitialized weights and no optimizer state: what a resume
-    loads into."""
+    """The benchmark model as a trainer has it before a resume: weights initialized (here zeroed:
+    the memory is touched, as any initialization touches it), no optimizer state yet."""
+    import torch
     from bench_state import BenchNet, BenchNetConfig
 
     config = BenchNetConfig(scale=scale, optimizer_config={"kind": "torch.optim.AdamW", "lr": 1e-3})
-    return BenchNet(config).initialize()
+    model = BenchNet(config).initialize()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    return model
 
 
 def _resume_files(ctx: dict) -> list[Path]:

@@ -13,8 +13,9 @@ that a save that returned is not lost.
    under a temporary name in the destination folder: `.<final name>.<token>.tmp`, the token 8
    random hex digits. Temporary names start with '.' and never end in `.th`, so no reader
    mistakes them for checkpoints. Bytes stream through an xxh3-64 hash while they are written;
-   each file is fsynced. Then the folder is fsynced: the staged names are durable before the
-   journal that names them (a file system may persist directory entries in any order). Before
+   each file is fsynced (the files of a save together, once all are written: `staging`). Then
+   the folder is fsynced: the staged names are durable before the journal that names them (a
+   file system may persist directory entries in any order). Before
    staging, a short disk fails with ENOSPC naming the path, the bytes needed and the bytes
    free, and a folder sitting at a final name fails the save; nothing is written either way.
    Every manifest is stamped with the save's commit sequence (`commit_sequence`), larger than
