@@ -98,3 +98,16 @@ def test_nothing_intact_is_the_error_select_gives(run):
         load_resume_set(run_dir, GROUP, required=WANTED[1:], load=WANTED)
     assert str(by_load.value) == str(by_select.value)
     assert "no usable checkpoint set of 'autoencoder'" in str(by_load.value)
+
+
+def test_a_file_that_matches_its_manifest_but_cannot_be_loaded_raises(run, monkeypatch):
+    from ksuit.readers import resume_set
+    from ksuit.storage.errors import UnsafeCheckpointError
+
+    def refuse(f, map_location="cpu", mmap=False):
+        raise UnsafeCheckpointError(f"refusing to load {f.location}: test")
+
+    monkeypatch.setattr(resume_set, "load_opened", refuse)
+    run_dir, _ = run
+    with pytest.raises(UnsafeCheckpointError, match="refusing to load"):
+        load_resume_set(run_dir, GROUP, required=WANTED[1:], load=WANTED)

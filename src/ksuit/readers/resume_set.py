@@ -4,8 +4,9 @@ bytes that are then loaded, and the set is refused if any file differs from its 
 How: under the folder lock (a save in flight elsewhere finishes first), the newest usable set is
 chosen as `select_resume_set` chooses it, then every file of the set is opened once and hashed
 (`OpenedFile.checksum`: for local files through a mapping that leaves the pages in the page
-cache) and compared with its manifest entry; the files the caller wants are then loaded from the
-same opened file, memory-mapped, so their bytes are not read from the disk a second time. A
+cache) in a helper thread, while the files the caller wants are loaded from the same openings,
+memory-mapped (their tensor bytes are read when used: from the page cache, not the disk a
+second time); then every hash is compared with its manifest entry. A
 file that does not match refuses the whole set with the reason `ksuit verify` gives
 (`size ... != ... in manifest`, `checksum ... != ... in manifest`) and the next usable set is
 tried, exactly as `select_resume_set` skips it; nothing is handed to the caller before every
@@ -23,15 +24,16 @@ retention deleted it: one optimizer file's worth of disk space per resume.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from ksuit.readers.listing import checkpoint_folder
 from ksuit.readers.sets import CheckpointSet, choose_set, problems_text
-from ksuit.storage import Backend, Location, load_opened
+from ksuit.storage import Backend, Location, OpenedFile, load_opened
 from ksuit.storage.errors import UnsafeCheckpointError
-from ksuit.storage.manifest import hash_problem
+from ksuit.storage.manifest import ManifestEntry, hash_problem
 from ksuit.utils.training import TrainingIteration
 
 
@@ -79,24 +81,66 @@ def load_resume_set(
 def _load_checked(
     s: CheckpointSet, wanted: set[tuple[str, str]], map_location: Any, payloads: dict[tuple[str, str], Any]
 ) -> dict[str, str]:
-    """Opens, hashes and (if wanted) loads every file of `s`; returns the problems by file name."""
+    """Opens every file of `s` once, hashes them in a helper thread while the wanted ones are
+    loaded from the same openings (hashing releases the GIL; loading is Python), then compares
+    each hash with the manifest; returns the problems by file name. A file that differs from its
+    manifest is a problem even if loading it failed; a file that matches and cannot be loaded
+    raises that error."""
     assert s.manifest is not None  # a set without one is never usable
     problems: dict[str, str] = {}
-    for name, entry in s.manifest.files.items():
-        info = s.files.get(name)
-        try:
-            f = s.folder.open(name)
-        except FileNotFoundError:
-            problems[name] = "missing"
-            continue
-        except UnsafeCheckpointError as e:  # no longer a regular file
-            problems[name] = str(e)
-            continue
-        with f:
-            problem = hash_problem(*f.checksum(), entry)
+    opened: list[tuple[str, ManifestEntry, OpenedFile]] = []
+    try:
+        for name, entry in s.manifest.files.items():
+            try:
+                opened.append((name, entry, s.folder.open(name)))
+            except FileNotFoundError:
+                problems[name] = "missing"
+            except UnsafeCheckpointError as e:  # no longer a regular file
+                problems[name] = str(e)
+        hashes: dict[str, tuple[int, str] | BaseException] = {}
+        hasher = _start(lambda: _hash_all(opened, hashes))
+        errors: dict[str, BaseException] = {}
+        if not problems:
+            for name, _, f in opened:
+                info = s.files.get(name)
+                key = (info.model_name, info.role) if info is not None else None
+                if key in wanted:
+                    try:
+                        payloads[key] = load_opened(f, map_location, mmap=True)
+                    except Exception as e:  # raised below unless the file differs from its manifest
+                        errors[name] = e
+        if hasher is not None:
+            hasher.join()
+        else:
+            _hash_all(opened, hashes)
+        for name, entry, _ in opened:
+            hashed = hashes[name]
+            if isinstance(hashed, BaseException):
+                raise hashed
+            problem = hash_problem(*hashed, entry)
             if problem is not None:
                 problems[name] = problem
-            elif info is not None and (info.model_name, info.role) in wanted and not problems:
-                # a file that matches its manifest but cannot be loaded is an error, as always
-                payloads[(info.model_name, info.role)] = load_opened(f, map_location, mmap=True)
+        if not problems and errors:
+            raise next(iter(errors.values()))
+    finally:
+        for _, _, f in opened:
+            f.close()
     return problems
+
+
+def _hash_all(opened: list[tuple[str, ManifestEntry, OpenedFile]], out: dict[str, Any]) -> None:
+    for name, _, f in opened:
+        try:
+            out[name] = f.checksum()
+        except BaseException as e:  # raised on the caller's thread
+            out[name] = e
+
+
+def _start(work: Any) -> threading.Thread | None:
+    """`work` in a helper thread, or None where no thread can be started (then run it inline)."""
+    thread = threading.Thread(target=work, name="ksuit-resume-hash", daemon=True)
+    try:
+        thread.start()
+    except RuntimeError:
+        return None
+    return thread
