@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Annotated, Literal
 
 import pydantic_core
@@ -65,7 +65,7 @@ class Manifest:
         return manifest_filename(self.group, self.tag)
 
     def to_json(self) -> str:
-        data = asdict(self)
+        data = asdict(replace(self, files={}))  # the entries below, without copying them twice
         data["files"] = {name: entry.to_dict() for name, entry in self.files.items()}
         return json.dumps(data, indent=1, sort_keys=True)
 

@@ -113,14 +113,14 @@ class SetWriter:
             return []
         manifest_of: dict[str, str | None] = {f.filename: f.manifest for f in files}
         manifest_of.update({m: m for f in files if (m := f.manifest) is not None})
-        with self._backend.begin_set(manifest_of, estimate_nbytes(files)) as txn:
+        sizes = [get_format(f.fmt).estimate_nbytes(f.payload) for f in files]
+        with self._backend.begin_set(manifest_of, sum(sizes)) as txn:
             bases = self._base_manifests(files)
             # newer than the backend's own floor and every manifest this save replaces
             floor = max([txn.sequence_floor] + [(m.commit_sequence or 0) + 1 for m in bases.values()])
             sequence = next_sequence(floor)
             written = [
-                txn.stage(f.filename, _payload_writer(f), get_format(f.fmt).estimate_nbytes(f.payload))
-                for f in files
+                txn.stage(f.filename, _payload_writer(f), size) for f, size in zip(files, sizes, strict=True)
             ]
             manifests = _updated_manifests(bases, files, written, run_id, sequence)
             txn.commit([(m.filename, m.to_json().encode()) for m in manifests], sequence)

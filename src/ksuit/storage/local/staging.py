@@ -5,7 +5,7 @@ Durability of the staged files is batched: each file is written and kept open, a
 every staged file (manifests included) is fsynced at once from several threads, then the folder
 once, and only then the journal is written. A file system commits concurrent fsyncs together
 (ext4's journal groups them): on the `make bench` disk 41 small files took about 150 ms fsynced
-one after the other and about 20 ms fsynced from 8 threads, against 8 ms for the same bytes in
+one after the other and about 15-20 ms fsynced from 8 threads, against 8 ms for the same bytes in
 one file. A set of more than `MAX_OPEN_STAGED` files is synced in batches of that many, so a
 save never holds more descriptors.
 """
@@ -15,10 +15,11 @@ from __future__ import annotations
 import errno
 import functools
 import os
+import queue
 import stat
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,13 +40,12 @@ from ksuit.storage.local.files import (
 from ksuit.storage.local.journal import JournalEntry, encode_journal
 
 MAX_OPEN_STAGED = 256  # staged files kept open for one fsync batch
-FSYNC_THREADS = 16  # concurrent fsyncs a batch uses at most
+FSYNC_THREADS = 8  # concurrent fsyncs a batch uses at most
 
 
 def fsync_all(sinks: Sequence[HashingSink]) -> None:
     """fsyncs and closes every sink, several at a time (see the module docstring); raises the
-    first error after every sink is closed. Where no thread can be started (interpreter shutdown)
-    the sinks are synced one after the other."""
+    first error after every sink is closed."""
     pending = list(sinks)
     errors: list[tuple[HashingSink, BaseException]] = []
     lock = threading.Lock()
@@ -62,19 +62,9 @@ def fsync_all(sinks: Sequence[HashingSink]) -> None:
                 with lock:
                     errors.append((sink, e))
 
-    threads = []
-    for _ in range(min(FSYNC_THREADS, len(pending)) - 1):
-        thread = threading.Thread(target=work, name="ksuit-fsync", daemon=True)
-        try:
-            thread.start()
-        except RuntimeError:  # can't create new thread at interpreter shutdown
-            break
-        threads.append(thread)
     try:
-        work()
+        _FSYNC_WORKERS.run(work, min(FSYNC_THREADS, len(pending)) - 1)
     finally:
-        for thread in threads:
-            thread.join()
         for sink in sinks:
             sink.close()
     if errors:
@@ -82,6 +72,54 @@ def fsync_all(sinks: Sequence[HashingSink]) -> None:
         if isinstance(error, OSError):
             sink.record_error(error)
         raise error
+
+
+class _Workers:
+    """Kept threads that run the same function beside the caller, for fsync batches (starting
+    threads for every save cost more than the fsyncs of a small set). Where no thread can be
+    started (interpreter shutdown) the caller does the work alone."""
+
+    def __init__(self) -> None:
+        self.forget()
+
+    def forget(self) -> None:
+        """A fresh start (in a forked child the threads stayed in the parent)."""
+        self._lock = threading.Lock()
+        self._queues: list[queue.SimpleQueue[tuple[Callable[[], None], threading.Event]]] = []
+
+    def run(self, work: Callable[[], None], helpers: int) -> None:
+        with self._lock:
+            while len(self._queues) < helpers:
+                jobs: queue.SimpleQueue[tuple[Callable[[], None], threading.Event]] = queue.SimpleQueue()
+                thread = threading.Thread(target=_serve, args=(jobs,), name="ksuit-fsync", daemon=True)
+                try:
+                    thread.start()
+                except RuntimeError:  # can't create new thread at interpreter shutdown
+                    break
+                self._queues.append(jobs)
+            queues = self._queues[: max(helpers, 0)]
+        done = [threading.Event() for _ in queues]
+        for jobs, event in zip(queues, done, strict=True):
+            jobs.put((work, event))
+        try:
+            work()
+        finally:
+            for event in done:
+                event.wait()
+
+
+def _serve(jobs: queue.SimpleQueue[tuple[Callable[[], None], threading.Event]]) -> None:
+    while True:
+        work, done = jobs.get()
+        try:
+            work()  # never raises: `work` keeps its errors
+        finally:
+            done.set()
+
+
+_FSYNC_WORKERS = _Workers()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_FSYNC_WORKERS.forget)
 
 
 @dataclass
