@@ -14,8 +14,9 @@ save and copies its share with the GIL released:
   of the same bytes);
 - what `memmove` cannot copy (a large source with strides, or a conjugate or negative view):
   `copy_` on the caller's thread;
-- CUDA sources: `_foreach_copy_(non_blocking=True)` on a side stream that first waits for the
-  current stream, into pinned memory; the side stream is synchronized before returning.
+- CUDA sources: `copy_(non_blocking=True)` into pinned memory on a side stream per device that
+  first waits for the current stream (what training queued on the tensors); the copies are
+  queued before the CPU copies start and the side streams synchronized after them.
 """
 
 from __future__ import annotations
@@ -187,7 +188,8 @@ def run_copies(plan: CopyPlan, srcs: list[torch.Tensor]) -> None:
             stream = _SIDE_STREAMS[device] = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
         stream.wait_stream(torch.cuda.current_stream(device))  # what training queued on them
         with torch.cuda.stream(stream), torch.no_grad():
-            torch._foreach_copy_(dsts, [srcs[p] for p in positions], non_blocking=True)
+            for dst, pos in zip(dsts, positions, strict=True):  # device to pinned host, queued
+                dst.copy_(srcs[pos], non_blocking=True)
     # a conjugate or negative view holds other bytes than its values: copied with copy_
     lazy = {pos for pos in plan.large if srcs[pos].is_conj() or srcs[pos].is_neg()}
     works = [
