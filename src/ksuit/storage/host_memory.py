@@ -99,11 +99,9 @@ class Segment:
 
 
 def touch_pages(chunk: torch.Tensor) -> None:
-    """Makes `chunk` resident: a zero into every page of mapped memory (zero already), or the
-    whole chunk zeroed for pinned memory (which `torch.empty` does not clear)."""
-    if chunk.is_pinned():
-        chunk.zero_()
-    else:
+    """Makes `chunk` resident: a zero into every page of mapped memory (zero already, so it stays
+    so). Pinned memory is resident once allocated (the toucher allocates it): nothing to do."""
+    if not chunk.is_pinned():
         chunk[::PAGE].zero_()
 
 
