@@ -510,3 +510,23 @@ def test_two_tags_of_one_save_take_each_leaf_once_and_hold_its_snapshot_once(
             latest = load_file(folder / f"autoencoder.{part}_cp=latest_{role}.th")
             tagged.pop("checkpoint_tag", None), latest.pop("checkpoint_tag", None)
             assert_bitwise_equal(tagged, latest, f"{part} {role}")
+
+
+def test_async_files_of_many_small_and_large_tensors_equal_sync_files(tmp_path, update_counter):
+    # the copy paths of a real state: small tensors split over threads, a large one by byte ranges
+    from ksuit.providers import PathProvider
+    from ksuit.storage.copies import LARGE_COPY_BYTES
+
+    g = torch.Generator().manual_seed(1)
+    sd = OrderedDict((f"w{i}", torch.randn(4096, generator=g)) for i in range(300))
+    sd["big"] = torch.randn(LARGE_COPY_BYTES // 4 + 17, generator=g)
+    sd["big_half"] = sd["big"][:1000].half()
+    sd["ints"] = torch.arange(5000, dtype=torch.int64)
+    sd["cols"] = sd["w0"].view(64, 64)[:, 1::2]
+    loaded = {}
+    for mode in ("sync", "async"):
+        provider = PathProvider(tmp_path / mode, "run")
+        with CheckpointWriter(provider, update_counter, async_save=mode == "async") as writer:
+            writer.save_model_checkpoint("net_cp=E1_U0_S0_model.th", sd, "E1_U0_S0")
+        loaded[mode] = torch.load(provider.checkpoint_path / "net_cp=E1_U0_S0_model.th", weights_only=True)
+    assert_bitwise_equal(loaded["async"]["state_dict"], loaded["sync"]["state_dict"])
