@@ -261,6 +261,8 @@ class SnapshotBuffer:
             usable = [s for s in self.segments if s.pinned or not pinned]
             placed = first_fit(layout, [s.nbytes for s in usable])
         if None in placed:
+            for dropped in self.segments:
+                dropped.claim(dropped.nbytes)  # a toucher still at it stops
             self.segments = usable = [Segment(layout.total, pinned)]
             placed = first_fit(layout, [layout.total])
         where = cast(list[tuple[int, int]], placed)
