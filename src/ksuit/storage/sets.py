@@ -14,12 +14,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from ksuit.layout import manifest_filename
-from ksuit.storage.backend import Backend, Location, WriteFn, WriteStream, WrittenFile
+from ksuit.layout import SHARDED_FORMAT, manifest_filename
+from ksuit.storage.backend import Backend, Location, StagedFolder, WriteFn, WriteStream, WrittenFile
 from ksuit.storage.errors import CorruptCheckpointError
 from ksuit.storage.formats import get_format
 from ksuit.storage.locations import open_backend
 from ksuit.storage.manifest import Manifest, ManifestEntry, read_manifest
+from ksuit.utils import distributed
 
 logger = logging.getLogger(__name__)
 
@@ -84,16 +85,33 @@ def next_sequence(at_least: int = 0) -> int:
         return _LAST_SEQUENCE
 
 
+def file_nbytes(f: PendingFile) -> int:
+    """Bytes one file will take (an estimate from its tensors; a sharded folder: every rank's)."""
+    if f.fmt == SHARDED_FORMAT:
+        from ksuit.storage.formats import iter_tensors
+
+        return sum(t.numel() * t.element_size() for t in iter_tensors(f.payload)) + 64 * 1024
+    return get_format(f.fmt).estimate_nbytes(f.payload)
+
+
 def estimate_nbytes(files: list[PendingFile]) -> int:
     """Bytes the files of a set will take (an estimate from their tensors)."""
-    return sum(get_format(f.fmt).estimate_nbytes(f.payload) for f in files)
+    return sum(file_nbytes(f) for f in files)
 
 
 class SetWriter:
-    """Writes sets of files into one folder of a backend, each as one atomic commit."""
+    """Writes sets of files into one folder of a backend, each as one atomic commit.
 
-    def __init__(self, folder: Backend | Location):
+    A set with sharded checkpoint folders (`fmt="dcp"`, `ksuit.storage.sharded`) is written by
+    every rank of `group` (the default process group when None) together: each rank passes the
+    same sharded files (its own shards in them), rank 0 of the group also the files only it
+    writes, and rank 0 commits the whole set once every rank's parts are durable
+    (`_write_sharded`). Sets without sharded folders are written by the calling process alone.
+    """
+
+    def __init__(self, folder: Backend | Location, group: Any = None):
         self._backend = open_backend(folder)
+        self.group = group  # a torch.distributed ProcessGroup for sharded sets (None: the default)
 
     @property
     def backend(self) -> Backend:
@@ -111,6 +129,8 @@ class SetWriter:
         was written (manifests not included)."""
         if not files:
             return []
+        if any(f.fmt == SHARDED_FORMAT for f in files):
+            return self._write_sharded(files, run_id)
         manifest_of: dict[str, str | None] = {f.filename: f.manifest for f in files}
         manifest_of.update({m: m for f in files if (m := f.manifest) is not None})
         with self._backend.begin_set(manifest_of, estimate_nbytes(files)) as txn:
@@ -124,6 +144,79 @@ class SetWriter:
             ]
             manifests = _updated_manifests(bases, files, written, run_id, sequence)
             txn.commit([(m.filename, m.to_json().encode()) for m in manifests], sequence)
+        return written
+
+    def _write_sharded(self, files: list[PendingFile], run_id: str | None) -> list[WrittenFile]:
+        """A set with sharded folders, written by every rank (see the class docstring).
+
+        Every step only the coordinator takes happens before the ranks start writing (the set,
+        its staged folders, their skeletons) or after every rank's parts are durable (the other
+        files, the manifests, the commit), and the coordinator then tells every rank the
+        outcome: a failure anywhere fails the save on every rank, and nothing is committed
+        before every rank's data is on disk. DCP itself reports a failed write on any rank to
+        all of them.
+        """
+        from ksuit.storage.sharded.save import skeleton_of, write_skeleton, write_tensors
+
+        group = self.group
+        world = distributed.world_size(group)
+        sharded = [f for f in files if f.fmt == SHARDED_FORMAT]
+        if distributed.rank(group) != 0:
+            staged = distributed.broadcast_object(None, group=group)
+            if isinstance(staged, str):
+                raise RuntimeError(f"the sharded save could not start on rank 0: {staged}")
+            for f in sharded:
+                write_tensors(self._backend, staged[f.filename], f.payload, group)
+            outcome = distributed.broadcast_object(None, group=group)
+            if outcome is not None:
+                raise RuntimeError(f"the sharded save failed on rank 0 and is not on disk: {outcome}")
+            return []
+        manifest_of: dict[str, str | None] = {f.filename: f.manifest for f in files}
+        manifest_of.update({m: m for f in files if (m := f.manifest) is not None})
+        phase = "start"
+        try:
+            with self._backend.begin_set(manifest_of, estimate_nbytes(files)) as txn:
+                staged_of: dict[str, StagedFolder] = {}
+                skeletons: dict[str, WrittenFile] = {}
+                for f in sharded:
+                    staged_of[f.filename] = txn.stage_folder(f.filename)
+                    skeleton = skeleton_of(f.payload, f.role, world)
+                    skeletons[f.filename] = write_skeleton(self._backend, staged_of[f.filename], skeleton)
+                distributed.broadcast_object(staged_of, group=group)
+                phase = "write"
+                parts = {
+                    f.filename: write_tensors(self._backend, staged_of[f.filename], f.payload, group)
+                    for f in sharded
+                }
+                phase = "commit"
+                bases = self._base_manifests(files)
+                floor = max([txn.sequence_floor] + [(m.commit_sequence or 0) + 1 for m in bases.values()])
+                sequence = next_sequence(floor)
+                written = []
+                for f in files:
+                    if f.fmt == SHARDED_FORMAT:
+                        folder_parts = [*parts[f.filename], skeletons[f.filename]]
+                        written.append(txn.add_folder(staged_of[f.filename], folder_parts))
+                    else:
+                        fmt = get_format(f.fmt)
+                        written.append(
+                            txn.stage(f.filename, _payload_writer(f), fmt.estimate_nbytes(f.payload))
+                        )
+                parts_of = {
+                    f.filename: {
+                        p.name: (p.size, p.checksum) for p in [*parts[f.filename], skeletons[f.filename]]
+                    }
+                    for f in sharded
+                }
+                manifests = _updated_manifests(bases, files, written, run_id, sequence, parts_of)
+                txn.commit([(m.filename, m.to_json().encode()) for m in manifests], sequence)
+        except BaseException as e:
+            if phase == "start":  # the other ranks wait for the staged folders: tell them instead
+                distributed.broadcast_object(f"{type(e).__name__}: {e}", group=group)
+            elif phase == "commit":
+                distributed.broadcast_object(f"{type(e).__name__}: {e}", group=group)
+            raise  # phase "write": DCP has told every rank already
+        distributed.broadcast_object(None, group=group)
         return written
 
     def flush(self) -> None:
@@ -164,12 +257,14 @@ def _updated_manifests(
     written: list[WrittenFile],
     run_id: str | None,
     sequence: int,
+    parts_of: dict[str, dict[str, tuple[int, str]]] | None = None,
 ) -> list[Manifest]:
     for f, w in zip(files, written, strict=True):
         if f.group is None or f.tag is None:
             continue
         m = bases[(f.group, f.tag)]
-        m.files[f.filename] = ManifestEntry(w.size, w.checksum, f.role, f.training_iteration)
+        parts = (parts_of or {}).get(f.filename)
+        m.files[f.filename] = ManifestEntry(w.size, w.checksum, f.role, f.training_iteration, parts)
         m.training_iteration = f.training_iteration
         m.run_id = run_id
         m.commit_sequence = sequence

@@ -18,12 +18,14 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def rank() -> int:
-    return dist.get_rank() if is_distributed() else 0
+def rank(group: Any = None) -> int:
+    """This process's rank in `group` (the default group when None)."""
+    return dist.get_rank(group) if is_distributed() else 0
 
 
-def world_size() -> int:
-    return dist.get_world_size() if is_distributed() else 1
+def world_size(group: Any = None) -> int:
+    """The number of processes of `group` (the default group when None)."""
+    return dist.get_world_size(group) if is_distributed() else 1
 
 
 def is_rank0() -> bool:
@@ -58,12 +60,15 @@ def all_gather_object(obj: Any) -> list[Any]:
     return result
 
 
-def broadcast_object(obj: Any, src: int = 0) -> Any:
-    """Rank `src`'s `obj` on every rank."""
+def broadcast_object(obj: Any, src: int = 0, group: Any = None) -> Any:
+    """Rank `src`'s `obj` on every rank (of `group`, whose rank `src` it is, when given)."""
     if not is_distributed():
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=src)
+    if group is None:
+        dist.broadcast_object_list(box, src=src)
+    else:
+        dist.broadcast_object_list(box, group=group, group_src=src)
     return box[0]
 
 

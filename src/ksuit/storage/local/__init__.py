@@ -63,11 +63,12 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Literal
 
-from ksuit.layout import is_plain_filename
+from ksuit.layout import is_part_filename, is_plain_filename, is_sharded_filename, temp_final_name
 from ksuit.storage.backend import (
     Backend,
     Entry,
@@ -75,6 +76,7 @@ from ksuit.storage.backend import (
     PendingSwitchError,
     RecoveryReport,
     SetTransaction,
+    StagedFolder,
     WriteFn,
     WrittenFile,
 )
@@ -87,6 +89,7 @@ from ksuit.storage.local.files import (
     make_folder_durable,
     write_file_atomic,
 )
+from ksuit.storage.local.folders import is_real_folder, move_aside, remove_folder
 from ksuit.storage.local.locking import folder_lock
 from ksuit.storage.local.recovery import ensure_recovered, journal_sequences, recover_folder
 from ksuit.storage.local.safe_files import (
@@ -253,11 +256,44 @@ class LocalBackend(Backend):
             size, checksum = write_file_atomic(path, through_stream, expected_nbytes or None)
         return WrittenFile(str(path), name, size, checksum)
 
+    def write_part(
+        self, staged: StagedFolder, part: str, write: WriteFn, expected_nbytes: int = 0
+    ) -> WrittenFile:
+        if temp_final_name(staged.key) != staged.name or not is_sharded_filename(staged.name):
+            raise ValueError(f"{staged!r} is not a staged sharded checkpoint folder")
+        if not is_part_filename(part):
+            raise ValueError(f"{part!r} is not a part name of a sharded checkpoint folder")
+        folder = self._file(staged.key)
+        if not is_real_folder(folder):
+            raise FileNotFoundError(
+                2,
+                f"the staged folder {folder} is gone: the save was abandoned by its coordinator",
+                str(folder),
+            )
+        path = folder / part
+        start = time.perf_counter()
+        sink = HashingSink(path)  # O_EXCL: a part is written once, by one process
+        try:
+            with open_stream(sink, expected_nbytes) as out:
+                write(out)
+            sink.fsync_and_close()
+        except BaseException:
+            sink.close()
+            path.unlink(missing_ok=True)
+            raise
+        return WrittenFile(str(path), part, sink.nbytes, sink.hexdigest(), time.perf_counter() - start)
+
     def delete(self, names: Sequence[str]) -> None:
+        """Removes files and sharded checkpoint folders; a folder first moves to a temporary name
+        (one atomic step), so a crash never leaves a partial folder under its checkpoint name."""
         paths = [self._file(n) for n in names]
         with folder_lock(self.path):
-            removed = False
+            removed, aside = False, []
             for path in paths:
+                if is_sharded_filename(path.name) and is_real_folder(path):
+                    aside.append(move_aside(path))
+                    removed = True
+                    continue
                 try:
                     os.unlink(path)
                     removed = True
@@ -265,6 +301,8 @@ class LocalBackend(Backend):
                     continue
             if removed:
                 fsync_dir(self.path)
+            for folder in aside:
+                remove_folder(folder)
 
     # ---- housekeeping ----------------------------------------------------------------------
     def lock(self) -> contextlib.AbstractContextManager[object]:

@@ -1,0 +1,64 @@
+"""Writing one sharded checkpoint folder: the payload's tensors through DCP (every rank its own
+shards), its skeleton in `ksuit.th` (the coordinator), all as parts of a staged folder.
+
+The set around it (`ksuit.storage.sets.SetWriter`) stages the folder, has every rank call
+`write_tensors` and the coordinator `write_skeleton`, and commits the folder's parts with the
+rest of the set once every rank's parts are durable.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+
+from ksuit.storage.backend import Backend, StagedFolder, WrittenFile
+from ksuit.storage.formats import torch_save
+from ksuit.storage.sharded.payload import split_payload
+from ksuit.storage.sharded.writer import BackendStorageWriter
+
+SKELETON_NAME = "ksuit.th"
+SKELETON_FORMAT = "ksuit.sharded"
+SKELETON_VERSION = 1
+
+
+def skeleton_of(payload: Any, role: str | None, world_size: int) -> dict[str, Any]:
+    """What `ksuit.th` holds: the payload without its tensors, and where each tensor goes."""
+    skeleton, _, paths = split_payload(payload)
+    return {
+        "format": SKELETON_FORMAT,
+        "version": SKELETON_VERSION,
+        "role": role,
+        "world_size": world_size,
+        "payload": skeleton,
+        "tensors": paths,
+    }
+
+
+def write_skeleton(backend: Backend, staged: StagedFolder, skeleton: dict[str, Any]) -> WrittenFile:
+    """The coordinator's part: `ksuit.th` (weights-only loadable, no tensors)."""
+    return backend.write_part(staged, SKELETON_NAME, lambda out: torch_save(skeleton, out), 64 * 1024)
+
+
+def write_tensors(
+    backend: Backend, staged: StagedFolder, payload: Any, group: dist.ProcessGroup | None
+) -> list[WrittenFile]:
+    """Writes the payload's tensors through DCP, each rank its own shards (a collective of
+    `group`, or of this process alone without torch.distributed); returns, on the coordinator,
+    every rank's part and `.metadata` (elsewhere: [])."""
+    _, tensors, _ = split_payload(payload)
+    writer = BackendStorageWriter(backend, staged)
+    no_dist = not (dist.is_available() and dist.is_initialized())
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save(
+            tensors,
+            storage_writer=writer,
+            planner=DefaultSavePlanner(dedup_save_to_lowest_rank=False),
+            process_group=group,
+            no_dist=no_dist,
+        )
+    return writer.parts
