@@ -37,9 +37,23 @@ class TrainLoader:
     ):
         per_step = world_size * accumulation_steps
         if effective_batch_size % per_step:
+            per_update = (
+                effective_batch_size // accumulation_steps
+                if effective_batch_size % accumulation_steps == 0
+                else 0
+            )
+            fits = [n for n in range(1, per_update + 1) if per_update % n == 0] if per_update else []
             raise ValueError(
                 f"effective_batch_size {effective_batch_size} is not divisible by world size "
-                f"{world_size} x accumulation_steps {accumulation_steps}"
+                f"{world_size} x accumulation_steps {accumulation_steps}. The global batch stays the "
+                "same when a run resumes on another number of processes (so the data order continues): "
+                + (
+                    f"run on a number of processes that divides {per_update} ({', '.join(map(str, fits[:12]))})"
+                    if fits
+                    else "make accumulation_steps divide effective_batch_size"
+                )
+                + ", or set accumulation_steps so that processes x accumulation_steps divides "
+                f"{effective_batch_size}"
             )
         self.batch_size = effective_batch_size // per_step
         collate_fn = None

@@ -83,21 +83,28 @@ def capture_all_ranks() -> dict[str, Any]:
     return {"world_size": len(states), "ranks": states}
 
 
-def check_world_size(saved: int) -> None:
-    """Refuses a checkpoint written by another number of processes than this run has: every
-    rank's RNG state and data shard belong to one world size."""
-    current = distributed.world_size()
-    if saved != current:
-        hint = (
-            f"torchrun --nproc_per_node={saved} ..." if saved > 1 else "a single process (without torchrun)"
-        )
-        raise ValueError(
-            f"the checkpoint was written by {saved} process(es) but this run has {current}; "
-            f"resume with the same world size: {hint}"
-        )
+def derived_seed(seed: int, update: int, rank: int) -> int:
+    """The seed of rank `rank` when a run resumes at `update` on another world size: a fixed
+    function of the three (numpy's SeedSequence mixing), so such a resume is reproducible."""
+    entropy = [seed % 2**64, update % 2**64, rank % 2**64]
+    return int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0] % 2**63)
 
 
-def restore_own_rank(all_ranks: dict[str, Any]) -> None:
-    """Restores this rank's entry of `capture_all_ranks()`; refuses another world size."""
-    check_world_size(int(all_ranks["world_size"]))
-    restore(all_ranks["ranks"][distributed.rank()])
+def restore_own_rank(all_ranks: dict[str, Any], seed: int = 0, update: int = 0) -> dict[str, int] | None:
+    """Restores this rank's entry of `capture_all_ranks()`. A checkpoint of another world size
+    has no state for this rank's place: the generators are then seeded with
+    `derived_seed(seed, update, rank)`, and what was done is returned (None when restored)."""
+    saved = int(all_ranks["world_size"])
+    current, rank = distributed.world_size(), distributed.rank()
+    if saved == current:
+        restore(all_ranks["ranks"][rank])
+        return None
+    derived = derived_seed(seed, update, rank)
+    seed_everything(derived)
+    return {
+        "from_world_size": saved,
+        "world_size": current,
+        "update": update,
+        "seed": seed,
+        "derived_seed": derived,
+    }

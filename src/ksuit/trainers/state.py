@@ -1,9 +1,14 @@
 """The trainer file: everything beyond weights and optimizer states that a resume restores.
 
 `{callback_state_dicts, training_iteration, grad_scaler (float16 only), rng, data, metrics,
-train_loss}`, plain values and tensors only (it loads with `weights_only=True`). With `rng.py`
-this module is the whole resume contract: a resumed run continues exactly like an uninterrupted
-one, or loading refuses with the reason (another world size, data layout or set of callbacks).
+train_loss, elastic}`, plain values and tensors only (it loads with `weights_only=True`). With
+`rng.py` this module is the whole resume contract: a resumed run continues exactly like an
+uninterrupted one, or loading refuses with the reason (another data layout or set of callbacks).
+
+A run may resume on another number of processes (elastic): the data order does not depend on
+the world size (`ksuit.trainers.sampler`) and the global batch stays the same; every rank's RNG
+is then re-derived from (seed, update, rank) (`rng.restore_own_rank`), and each such change is
+recorded in `elastic`, which later trainer files carry on.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ logger = logging.getLogger(__name__)
 
 # the settings that fix the data order; a resume with other values could not continue it
 DATA_KEYS = ("updates_per_epoch", "effective_batch_size", "accumulation_steps", "seed")
+ORDER = "global"  # the data order of `ksuit.trainers.sampler`: one global sequence per epoch
 
 
 def saved_callbacks(trainer: BaseTrainer) -> list[Callback]:
@@ -44,8 +50,10 @@ def trainer_state_dict(trainer: BaseTrainer) -> dict[str, Any]:
         "effective_batch_size": trainer.effective_batch_size,
         "accumulation_steps": trainer.accumulation_steps,
         "updates_per_epoch": trainer.updates_per_epoch,
+        "order": ORDER,
     }
     state.update(trainer.metric_tracker.state_dict())  # metrics, train_loss
+    state["elastic"] = [dict(event) for event in trainer.elastic_events]
     return state
 
 
@@ -57,7 +65,6 @@ def load_trainer_state_dict(trainer: BaseTrainer, state_dict: dict[str, Any], st
     missing_keys = [k for k in ("callback_state_dicts", "training_iteration", "rng") if k not in state_dict]
     if missing_keys:
         raise ValueError(f"trainer state lacks {', '.join(missing_keys)}; is it a ksuit trainer file?")
-    rng.check_world_size(int(state_dict["rng"]["world_size"]))
     check_data(trainer, state_dict.get("data", {}))
     _load_callbacks(saved_callbacks(trainer), state_dict["callback_state_dicts"], strict)
     counter = trainer.update_counter
@@ -70,7 +77,49 @@ def load_trainer_state_dict(trainer: BaseTrainer, state_dict: dict[str, Any], st
         )
     _load_grad_scaler(trainer, state_dict.get("grad_scaler"))
     trainer.metric_tracker.load_state_dict(state_dict)
-    rng.restore_own_rank(state_dict["rng"])
+    trainer.elastic_events = [dict(e) for e in state_dict.get("elastic", []) if isinstance(e, dict)]
+    _check_order(
+        state_dict.get("data", {}),
+        counter.update - counter.epoch * trainer.updates_per_epoch,
+        int(state_dict["rng"]["world_size"]),
+        trainer.world_size,
+    )
+    event = restore_rng(trainer, state_dict["rng"])
+    if event is not None:
+        trainer.elastic_events.append(event)
+        if trainer.rank == 0:
+            logger.warning(
+                "resuming a run of %d processes on %d: model and optimizer state are resharded, the data "
+                "order continues where it stopped, and each rank's random generators are re-derived from "
+                "(seed %d, update %d, rank) (recorded in the trainer state as 'elastic')",
+                event["from_world_size"],
+                event["world_size"],
+                event["seed"],
+                event["update"],
+            )
+
+
+def restore_rng(trainer: BaseTrainer, all_ranks: dict[str, Any]) -> dict[str, Any] | None:
+    """This rank's saved generators, or (another world size) generators re-derived from
+    (seed, update, rank); returns the elastic event, None when restored as saved."""
+    return rng.restore_own_rank(all_ranks, trainer.seed, trainer.update_counter.update)
+
+
+def _check_order(data: dict[str, Any], updates_into_epoch: int, saved_world: int, world: int) -> None:
+    """An older ksuit sharded each epoch by rank (`perm[rank::world]`): a checkpoint of several
+    processes it wrote in the middle of an epoch continues with other samples now."""
+    if data.get("order") == ORDER or not updates_into_epoch or saved_world == 1 == world:
+        return
+    if saved_world != world:
+        raise ValueError(
+            "the checkpoint was written by an older ksuit whose data order depended on the number of "
+            "processes, and it stopped in the middle of an epoch: resume it with the same number of "
+            f"processes ({saved_world}), or from a checkpoint at the end of an epoch"
+        )
+    logger.warning(
+        "the checkpoint was written by an older ksuit with another data order for several processes; "
+        "the rest of this epoch visits samples in the new order (some may repeat or be skipped once)"
+    )
 
 
 def check_data(trainer: BaseTrainer, data: dict[str, Any]) -> None:
