@@ -165,8 +165,7 @@ class SetWriter:
             staged = distributed.broadcast_object(None, group=group)
             if isinstance(staged, str):
                 raise RuntimeError(f"the sharded save could not start on rank 0: {staged}")
-            for f in sharded:
-                write_tensors(self._backend, staged[f.filename], f.payload, group)
+            write_tensors(self._backend, [(staged[f.filename], f.payload) for f in sharded], group)
             outcome = distributed.broadcast_object(None, group=group)
             if outcome is not None:
                 raise RuntimeError(f"the sharded save failed on rank 0 and is not on disk: {outcome}")
@@ -184,10 +183,9 @@ class SetWriter:
                     skeletons[f.filename] = write_skeleton(self._backend, staged_of[f.filename], skeleton)
                 distributed.broadcast_object(staged_of, group=group)
                 phase = "write"
-                parts = {
-                    f.filename: write_tensors(self._backend, staged_of[f.filename], f.payload, group)
-                    for f in sharded
-                }
+                parts = write_tensors(
+                    self._backend, [(staged_of[f.filename], f.payload) for f in sharded], group
+                )
                 phase = "commit"
                 bases = self._base_manifests(files)
                 floor = max([txn.sequence_floor] + [(m.commit_sequence or 0) + 1 for m in bases.values()])

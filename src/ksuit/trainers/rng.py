@@ -66,7 +66,9 @@ def restore(state: dict[str, Any]) -> None:
     np.random.set_state(
         (npy["bit_generator"], keys, int(npy["pos"]), int(npy["has_gauss"]), float(npy["cached_gaussian"]))
     )
-    torch.set_rng_state(torch.as_tensor(state["torch"], dtype=torch.uint8).cpu())
+    # a tensor of its own: a loaded state may view a storage shared with other ranks' states (an
+    # asynchronous save packs tensors of one dtype together), which set_rng_state misreads
+    torch.set_rng_state(_own_bytes(state["torch"]))
     if "cuda" in state and torch.cuda.is_available():
         cuda_states = list(state["cuda"])
         if len(cuda_states) != torch.cuda.device_count():
@@ -74,7 +76,12 @@ def restore(state: dict[str, Any]) -> None:
                 f"RNG state holds {len(cuda_states)} CUDA generator states but this process sees "
                 f"{torch.cuda.device_count()} CUDA devices; resume with the same devices"
             )
-        torch.cuda.set_rng_state_all([torch.as_tensor(s, dtype=torch.uint8).cpu() for s in cuda_states])
+        torch.cuda.set_rng_state_all([_own_bytes(s) for s in cuda_states])
+
+
+def _own_bytes(value: Any) -> torch.Tensor:
+    """A generator state as a uint8 CPU tensor with a storage of its own (offset 0)."""
+    return torch.as_tensor(value, dtype=torch.uint8).cpu().clone(memory_format=torch.contiguous_format)
 
 
 def capture_all_ranks() -> dict[str, Any]:

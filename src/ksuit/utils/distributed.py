@@ -37,17 +37,32 @@ def launched_by_torchrun() -> bool:
     return "WORLD_SIZE" in os.environ and "RANK" in os.environ and "MASTER_ADDR" in os.environ
 
 
+INIT_METHOD_ENV = "KSUIT_INIT_METHOD"
+
+
 def init_from_env(device_type: str) -> bool:
     """Initializes the default process group from torchrun's environment; returns whether it did.
 
     gloo on CPU, nccl on CUDA. Does nothing when not launched by torchrun or already initialized.
+    The ranks meet through torchrun's store, or, when `KSUIT_INIT_METHOD` is set (e.g.
+    `file:///shared/run/rendezvous`, a file on a file system every rank sees), through that
+    init method: no port to agree on.
     """
     if is_distributed() or not launched_by_torchrun():
         return False
     backend = "nccl" if device_type == "cuda" else "gloo"
     if device_type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend=backend)
+    init_method = os.environ.get(INIT_METHOD_ENV)
+    if init_method:
+        dist.init_process_group(
+            backend=backend,
+            init_method=init_method,
+            rank=int(os.environ["RANK"]),
+            world_size=int(os.environ["WORLD_SIZE"]),
+        )
+    else:
+        dist.init_process_group(backend=backend)
     return True
 
 

@@ -23,7 +23,7 @@ import stat
 from pathlib import Path
 
 from ksuit.layout import is_part_filename
-from ksuit.storage.local.files import fsync_dir, new_temp_path
+from ksuit.storage.local.files import new_temp_path
 from ksuit.storage.local.safe_files import hash_regular_file
 
 MAX_PARTS = 100_000  # a sharded checkpoint holds one file per rank and a few more
@@ -37,10 +37,10 @@ def is_real_folder(path: Path) -> bool:
 
 
 def make_staged_folder(final: Path) -> Path:
-    """A new empty temporary folder for the folder `final`, durable in its parent."""
+    """A new empty temporary folder for the folder `final` (its name becomes durable with the
+    other staged names, when the commit fsyncs the checkpoint folder before the journal)."""
     temp = new_temp_path(final)
     os.mkdir(temp, 0o755)
-    fsync_dir(temp.parent)
     return temp
 
 

@@ -1,8 +1,9 @@
-"""Writing one sharded checkpoint folder: the payload's tensors through DCP (every rank its own
-shards), its skeleton in `ksuit.th` (the coordinator), all as parts of a staged folder.
+"""Writing the sharded checkpoint folders of a set: the payloads' tensors through one DCP save
+(every rank its own shards), each skeleton in `ksuit.th` (the coordinator), all as parts of
+staged folders.
 
-The set around it (`ksuit.storage.sets.SetWriter`) stages the folder, has every rank call
-`write_tensors` and the coordinator `write_skeleton`, and commits the folder's parts with the
+The set around them (`ksuit.storage.sets.SetWriter`) stages the folders, has the coordinator
+call `write_skeleton` and every rank `write_tensors`, and commits the folders' parts with the
 rest of the set once every rank's parts are durable.
 """
 
@@ -18,7 +19,7 @@ from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from ksuit.storage.backend import Backend, StagedFolder, WrittenFile
 from ksuit.storage.formats import torch_save
 from ksuit.storage.sharded.payload import split_payload
-from ksuit.storage.sharded.writer import BackendStorageWriter
+from ksuit.storage.sharded.writer import BackendStorageWriter, folder_key
 
 SKELETON_NAME = "ksuit.th"
 SKELETON_FORMAT = "ksuit.sharded"
@@ -44,13 +45,17 @@ def write_skeleton(backend: Backend, staged: StagedFolder, skeleton: dict[str, A
 
 
 def write_tensors(
-    backend: Backend, staged: StagedFolder, payload: Any, group: dist.ProcessGroup | None
-) -> list[WrittenFile]:
-    """Writes the payload's tensors through DCP, each rank its own shards (a collective of
-    `group`, or of this process alone without torch.distributed); returns, on the coordinator,
-    every rank's part and `.metadata` (elsewhere: [])."""
-    _, tensors, _ = split_payload(payload)
-    writer = BackendStorageWriter(backend, staged)
+    backend: Backend, folders: list[tuple[StagedFolder, Any]], group: dist.ProcessGroup | None
+) -> dict[str, list[WrittenFile]]:
+    """Writes the tensors of every `(staged folder, payload)` through one DCP save, each rank its
+    own shards (a collective of `group`, or of this process alone without torch.distributed);
+    returns, on the coordinator, every folder's parts of every rank and its `.metadata`
+    (elsewhere: {})."""
+    tensors = {}
+    for index, (_, payload) in enumerate(folders):
+        _, own, _ = split_payload(payload)
+        tensors.update({folder_key(index, key): t for key, t in own.items()})
+    writer = BackendStorageWriter(backend, [staged for staged, _ in folders])
     no_dist = not (dist.is_available() and dist.is_initialized())
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
