@@ -15,15 +15,15 @@ import time
 import traceback
 from pathlib import Path
 
-import torch  # noqa: F401  imported once, inherited by every attempt
-import torch.distributed.checkpoint  # noqa: F401
-import torch.distributed.fsdp  # noqa: F401
+import torch
+import torch.distributed.checkpoint
+import torch.distributed.fsdp
 import torch.distributed.tensor  # noqa: F401
 import typer
 
-import ksuit.storage.sharded.consolidate  # noqa: F401
-import ksuit.storage.sharded.load  # noqa: F401
-import ksuit.trainers.reconstruction  # noqa: F401
+import ksuit.storage.sharded.consolidate
+import ksuit.storage.sharded.load
+import ksuit.trainers.reconstruction
 import ksuit.trainers.runner  # noqa: F401
 from ksuit.cli.train import train_command
 

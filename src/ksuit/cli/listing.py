@@ -18,8 +18,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from ksuit.cli.output import console, exit_on_errors, fail, first_line, printable
-from ksuit.readers import CheckpointSet, scan_sets
 from ksuit.layout import SHARDED_FORMAT, is_sharded_filename
+from ksuit.readers import CheckpointSet, scan_sets
 from ksuit.readers.listing import checkpoint_folder, listed_checkpoints, read_folder, sharded_folders
 from ksuit.storage import (
     Backend,

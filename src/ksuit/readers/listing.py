@@ -1,8 +1,9 @@
 """Listing the checkpoints of a run from file names (and manifests), without loading tensors.
 
 Everything goes through the run folder's storage backend, so a run may live on any medium. Only
-regular files are checkpoints, and sharded checkpoints (`..._model.dcp/`), which are real folders
-of part files (their size: the sum of their parts): an entry with a checkpoint or manifest name that is a symbolic
+regular files are checkpoints, and sharded checkpoints (`..._model.dcp/`), which are real
+folders of part files (their size: the sum of their parts): an entry with a checkpoint or
+manifest name that is a symbolic
 link (wherever it points, inside the folder or out), a FIFO, a device or a folder is never
 followed, opened or stat'ed through; `folder_problems` reports it instead.
 """

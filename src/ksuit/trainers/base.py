@@ -24,7 +24,7 @@ from ksuit.models.optimizer import OptimizerWrapper
 from ksuit.providers import PathProvider
 from ksuit.readers import ResumePoint
 from ksuit.schemas.trainer import CheckpointFormat, Device, Precision, Strategy, TrainerSettings
-from ksuit.trainers import devices, rng, state, update
+from ksuit.trainers import devices, state, update
 from ksuit.trainers.loader import TrainLoader
 from ksuit.trainers.metrics import MetricTracker
 from ksuit.trainers.rng import seed_everything

@@ -3,8 +3,8 @@
 DCP's own reader unpickles `.metadata` with plain `pickle.load`: a crafted file runs code. ksuit
 reads it through `ksuit.storage.safe_pickle`: the pickle is first scanned without running it
 against `DCP_POLICY`, an allowlist of exactly what DCP writes (its metadata dataclasses, the
-`_StorageInfo` of its file system writer, `torch.Size`, dtypes, layouts, plain values), each
-call with checked arguments; anything else is refused, naming the file. The result is then
+`_StorageInfo` of its file system writer, `torch.Size`, dtypes, layouts, a `PosixPath` of path
+parts, plain values), each call with checked arguments; anything else is refused, naming the file. The result is then
 checked field by field (`check_metadata`): every tensor's size, dtype and chunks, every
 chunk's place in a part file, and no non-tensor (pickled bytes) item at all, since ksuit never
 puts any into DCP (plain values live in the folder's weights-only `ksuit.th`).
@@ -53,6 +53,11 @@ def _check_layout(args: tuple[Any, ...]) -> str | None:
     return None if ok else "an argument that is not the name of a tensor layout"
 
 
+def _check_path(args: tuple[Any, ...]) -> str | None:
+    ok = len(args) <= 64 and all(isinstance(a, str) and len(a) <= 4096 for a in args)
+    return None if ok else "arguments that are not path parts"
+
+
 def _dcp_globals() -> dict[str, GlobalRule]:
     dataclass_rule = GlobalRule(new=True, build=True)
     rules = {name: GlobalRule() for name in DTYPES}  # dtypes are referred to, never called
@@ -70,6 +75,8 @@ def _dcp_globals() -> dict[str, GlobalRule]:
     rules[_DCP + "_MEM_FORMAT_ENCODING"] = GlobalRule(call=True, leaf=True, check_args=_check_encoding)
     rules["torch.serialization._get_layout"] = GlobalRule(call=True, leaf=True, check_args=_check_layout)
     rules["torch.Size"] = GlobalRule(call=True, check_args=_check_size)
+    # DCP's own file system writer records its folder as a path in `storage_meta.checkpoint_id`
+    rules["pathlib.PosixPath"] = GlobalRule(call=True, leaf=True, check_args=_check_path)
     return rules
 
 
@@ -157,23 +164,30 @@ def _check_tensor(fqn: str, item: TensorStorageMetadata, storage: dict[Any, Any]
 
 
 def chunk_problems(fqn: str, item: TensorStorageMetadata) -> list[str]:
-    """What keeps the chunks of a (checked) tensor from covering it exactly: overlaps, gaps."""
+    """What keeps the chunks of a (checked) tensor from covering it exactly: overlaps, gaps.
+
+    Chunks lie inside the tensor (`check_metadata`), so they cover it exactly when none overlaps
+    another and their sizes add up to the tensor's. Overlaps are found by a sweep over the first
+    dimension, so the usual layouts (blocks of rows) cost a sort."""
     size = tuple(item.size)
-    total = math.prod(size)
-    covered = sum(math.prod(c.sizes) for c in item.chunks)
-    problems = []
-    boxes = [(tuple(c.offsets), tuple(c.sizes)) for c in item.chunks]
+    boxes = sorted(
+        ((tuple(c.offsets), tuple(c.sizes)) for c in item.chunks if math.prod(c.sizes)),
+        key=lambda box: box[0][:1],
+    )
     for i, (off_a, size_a) in enumerate(boxes):
         for off_b, size_b in boxes[i + 1 :]:
-            overlap = all(
+            if size and off_b[0] >= off_a[0] + size_a[0]:
+                break  # sorted by the first offset: no later box reaches back into this one
+            if all(
                 max(a, b) < min(a + sa, b + sb)
                 for a, sa, b, sb in zip(off_a, size_a, off_b, size_b, strict=True)
-            )
-            if overlap and math.prod(size_a) and math.prod(size_b):
-                problems.append(f"tensor {fqn!r}: chunks at {list(off_a)} and {list(off_b)} overlap")
-    if covered != total and not problems:
-        problems.append(f"tensor {fqn!r}: its chunks hold {covered} of its {total} elements")
-    return problems
+            ):
+                return [f"tensor {fqn[:200]!r}: its chunks at {list(off_a)} and {list(off_b)} overlap"]
+    covered = sum(math.prod(box[1]) for box in boxes)
+    total = math.prod(size)
+    if covered != total:
+        return [f"tensor {fqn[:200]!r}: its chunks hold {covered} of its {total} elements"]
+    return []
 
 
 def read_dcp_metadata(folder: Backend, part_sizes: dict[str, int] | None = None) -> Metadata:

@@ -100,7 +100,8 @@ def load_chunk(
         )
     if expected is not None and tensor.dtype != expected.properties.dtype:
         raise CorruptCheckpointError(
-            f"{piece.location} holds a {tensor.dtype} tensor where the metadata records {expected.properties.dtype}"
+            f"{piece.location} holds a {tensor.dtype} tensor where the metadata records "
+            f"{expected.properties.dtype}"
         )
     return tensor
 
