@@ -6,8 +6,8 @@ against `DCP_POLICY`, an allowlist of exactly what DCP writes (its metadata data
 `_StorageInfo` of its file system writer, `torch.Size`, dtypes, layouts, a `PosixPath` of path
 parts, plain values), each call with checked arguments; anything else is refused, naming the
 file. The result is then checked field by field (`check_metadata`): every tensor's size,
-dtype and chunks, every chunk's place in a part file, and no non-tensor (pickled bytes) item at all, since ksuit never
-puts any into DCP (plain values live in the folder's weights-only `ksuit.th`).
+dtype and chunks, every chunk's place in a part file, and no non-tensor (pickled bytes) item
+at all, since ksuit never puts any into DCP (plain values live in the weights-only `ksuit.th`).
 """
 
 from __future__ import annotations
