@@ -9,11 +9,13 @@ from pathlib import Path
 HERE = Path(__file__).parent
 
 
-def env() -> dict[str, str]:
+def env(**extra: str) -> dict[str, str]:
     result = dict(os.environ)
+    result.update(extra)
     result["PYTHONPATH"] = os.pathsep.join([str(HERE), result.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     result["OMP_NUM_THREADS"] = "1"
-    result.pop("KSUIT_INIT_METHOD", None)
+    if "KSUIT_INIT_METHOD" not in extra:
+        result.pop("KSUIT_INIT_METHOD", None)
     return result
 
 
@@ -31,7 +33,7 @@ def torchrun(nproc: int, *args: str, max_restarts: int = 0) -> list[str]:
     ]
 
 
-def run(command: list[str], timeout: float = 240) -> str:
-    done = subprocess.run(command, env=env(), capture_output=True, text=True, timeout=timeout)
+def run(command: list[str], timeout: float = 240, **extra_env: str) -> str:
+    done = subprocess.run(command, env=env(**extra_env), capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stdout[-5000:] + done.stderr[-10000:]
     return done.stdout + done.stderr

@@ -12,12 +12,20 @@ import pytest
 import torch
 
 from ksuit.layout import is_journal_filename, is_temp_filename, temp_filename
-from ksuit.storage import CorruptCheckpointError, open_backend, read_manifest, verify_file
+from ksuit.readers import scan_sets
+from ksuit.storage import (
+    CorruptCheckpointError,
+    PendingFile,
+    SetWriter,
+    open_backend,
+    read_manifest,
+    verify_file,
+)
 from ksuit.storage.backend import StagedFolder, folder_digest
 from ksuit.storage.local import staging
 from ksuit.storage.sharded.load import load_full
 from tests.conftest import assert_bitwise_equal
-from tests.storage.sharded_sets import MODEL, OPTIM, optim_state, weights, write_sharded_set
+from tests.storage.sharded_sets import MODEL, OPTIM, optim_state, sharded_files, weights, write_sharded_set
 
 MANIFEST = "m_cp=latest.manifest.json"
 
@@ -179,3 +187,34 @@ def test_delete_removes_a_sharded_folder(tmp_path):
     assert MODEL not in names(tmp_path)
     assert not [n for n in names(tmp_path) if is_temp_filename(n)]
     assert torch.load(tmp_path / "m_cp=latest_trainer.th", weights_only=True)["seed"] == 0
+
+
+def test_a_set_saved_in_another_format_replaces_the_folders(tmp_path):
+    # a run saved sharded, resumed in one process: the same tag in `.th` files
+    write_sharded_set(tmp_path, seed=0)
+    plain = [
+        PendingFile(
+            f.filename.replace(".dcp", ".th"),
+            f.payload,
+            "torch",
+            f.role,
+            f.group,
+            f.tag,
+            f.training_iteration,
+        )
+        for f in sharded_files(seed=1)
+    ]
+    SetWriter(tmp_path).write(plain, run_id="r")
+    assert names(tmp_path) == [
+        MANIFEST,
+        "m_cp=latest_model.th",
+        "m_cp=latest_optim.th",
+        "m_cp=latest_trainer.th",
+    ]
+    manifest = read_manifest(tmp_path, MANIFEST)
+    assert sorted(manifest.files) == sorted(f.filename for f in plain)
+    (s,) = scan_sets(tmp_path, checksum=True)
+    assert s.ok, s.problems
+    write_sharded_set(tmp_path, seed=2)  # and back
+    assert names(tmp_path) == [MANIFEST, MODEL, OPTIM, "m_cp=latest_trainer.th"]
+    assert_bitwise_equal(load_full(open_backend(tmp_path).child(MODEL)), weights(2))

@@ -142,8 +142,10 @@ class SetWriter:
                 txn.stage(f.filename, _payload_writer(f), get_format(f.fmt).estimate_nbytes(f.payload))
                 for f in files
             ]
+            replaced = _replaced_formats(bases, files)
             manifests = _updated_manifests(bases, files, written, run_id, sequence)
             txn.commit([(m.filename, m.to_json().encode()) for m in manifests], sequence)
+        self._remove(replaced)
         return written
 
     def _write_sharded(self, files: list[PendingFile], run_id: str | None) -> list[WrittenFile]:
@@ -206,6 +208,7 @@ class SetWriter:
                     }
                     for f in sharded
                 }
+                replaced = _replaced_formats(bases, files)
                 manifests = _updated_manifests(bases, files, written, run_id, sequence, parts_of)
                 txn.commit([(m.filename, m.to_json().encode()) for m in manifests], sequence)
         except BaseException as e:
@@ -215,7 +218,20 @@ class SetWriter:
                 distributed.broadcast_object(f"{type(e).__name__}: {e}", group=group)
             raise  # phase "write": DCP has told every rank already
         distributed.broadcast_object(None, group=group)
+        self._remove(replaced)
         return written
+
+    def _remove(self, names: list[str]) -> None:
+        """Deletes members of earlier sets that this commit replaced by a file of another format
+        (no manifest lists them any more); a failure leaves them as standalone files."""
+        if not names:
+            return
+        try:
+            self._backend.delete(names)
+        except OSError as e:
+            logger.warning(
+                "could not remove %s, replaced in its set by another format: %s", ", ".join(names), e
+            )
 
     def flush(self) -> None:
         pass
@@ -247,6 +263,25 @@ def _payload_writer(f: PendingFile) -> WriteFn:
         fmt.write(f.payload, out)
 
     return write
+
+
+def _replaced_formats(bases: dict[tuple[str, str], Manifest], files: list[PendingFile]) -> list[str]:
+    """Members of the sets being updated that a new file replaces in another format (a leaf
+    saved sharded by one run and as a `.th` file by a resume on one process, or the reverse):
+    dropped from the manifests, so a set never lists two copies of one file."""
+    new = {f.filename for f in files}
+    stems = {_stem(f.filename) for f in files}
+    replaced = []
+    for manifest in bases.values():
+        for name in list(manifest.files):
+            if name not in new and _stem(name) in stems:
+                del manifest.files[name]
+                replaced.append(name)
+    return replaced
+
+
+def _stem(filename: str) -> str:
+    return filename.rsplit(".", 1)[0]
 
 
 def _updated_manifests(
