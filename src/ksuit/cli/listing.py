@@ -108,8 +108,9 @@ def inspect_command(
         else:
             sizes = {e.name: e.size for e in folder.entries() if e.problem is None}
         if name not in sizes:
+            what = "a sharded checkpoint folder" if is_sharded_filename(name) else "a file"
             raise fail(
-                f"{file} is not a checkpoint; pass a checkpoint file such as "
+                f"{file} is not {what}; pass a checkpoint file such as "
                 "<run>/checkpoints/x_cp=latest_model.th (or a sharded folder x_cp=latest_model.dcp)",
                 2,
             )
