@@ -217,15 +217,6 @@ def test_load_state_dict_names_mismatched_callbacks_and_resumes_elastically(tmp_
     event = prepared.trainer.elastic_events[-1]
     assert (event["from_world_size"], event["world_size"]) == (2, 1)
     assert prepared.trainer.state_dict()["elastic"][-1] == event
-    # a checkpoint of an older ksuit (data order by rank) in the middle of an epoch cannot continue
-    old_order = dict(two_ranks, data={k: v for k, v in two_ranks["data"].items() if k != "order"})
-    old_order["training_iteration"] = {
-        "epoch": 0,
-        "update": 1,
-        "sample": state["training_iteration"]["sample"] // 4,
-    }
-    with pytest.raises(ValueError, match="older ksuit whose data order depended on the number of processes"):
-        prepared.trainer.load_state_dict(old_order)
     with pytest.raises(ValueError, match="effective_batch_size=16"):
         prepared.trainer.load_state_dict(dict(state, data=dict(state["data"], effective_batch_size=16)))
 

@@ -26,7 +26,6 @@ logger = logging.getLogger(__name__)
 
 # the settings that fix the data order; a resume with other values could not continue it
 DATA_KEYS = ("updates_per_epoch", "effective_batch_size", "accumulation_steps", "seed")
-ORDER = "global"  # the data order of `ksuit.trainers.sampler`: one global sequence per epoch
 
 
 def saved_callbacks(trainer: BaseTrainer) -> list[Callback]:
@@ -50,7 +49,6 @@ def trainer_state_dict(trainer: BaseTrainer) -> dict[str, Any]:
         "effective_batch_size": trainer.effective_batch_size,
         "accumulation_steps": trainer.accumulation_steps,
         "updates_per_epoch": trainer.updates_per_epoch,
-        "order": ORDER,
     }
     state.update(trainer.metric_tracker.state_dict())  # metrics, train_loss
     state["elastic"] = [dict(event) for event in trainer.elastic_events]
@@ -78,12 +76,6 @@ def load_trainer_state_dict(trainer: BaseTrainer, state_dict: dict[str, Any], st
     _load_grad_scaler(trainer, state_dict.get("grad_scaler"))
     trainer.metric_tracker.load_state_dict(state_dict)
     trainer.elastic_events = [dict(e) for e in state_dict.get("elastic", []) if isinstance(e, dict)]
-    _check_order(
-        state_dict.get("data", {}),
-        counter.update - counter.epoch * trainer.updates_per_epoch,
-        int(state_dict["rng"]["world_size"]),
-        trainer.world_size,
-    )
     event = restore_rng(trainer, state_dict["rng"])
     if event is not None:
         trainer.elastic_events.append(event)
@@ -103,23 +95,6 @@ def restore_rng(trainer: BaseTrainer, all_ranks: dict[str, Any]) -> dict[str, An
     """This rank's saved generators, or (another world size) generators re-derived from
     (seed, update, rank); returns the elastic event, None when restored as saved."""
     return rng.restore_own_rank(all_ranks, trainer.seed, trainer.update_counter.update)
-
-
-def _check_order(data: dict[str, Any], updates_into_epoch: int, saved_world: int, world: int) -> None:
-    """An older ksuit sharded each epoch by rank (`perm[rank::world]`): a checkpoint of several
-    processes it wrote in the middle of an epoch continues with other samples now."""
-    if data.get("order") == ORDER or not updates_into_epoch or saved_world == 1 == world:
-        return
-    if saved_world != world:
-        raise ValueError(
-            "the checkpoint was written by an older ksuit whose data order depended on the number of "
-            "processes, and it stopped in the middle of an epoch: resume it with the same number of "
-            f"processes ({saved_world}), or from a checkpoint at the end of an epoch"
-        )
-    logger.warning(
-        "the checkpoint was written by an older ksuit with another data order for several processes; "
-        "the rest of this epoch visits samples in the new order (some may repeat or be skipped once)"
-    )
 
 
 def check_data(trainer: BaseTrainer, data: dict[str, Any]) -> None:
