@@ -150,6 +150,8 @@ class KsuitCheckpointIO(CheckpointIO):
         """Loads the checkpoint at `path` after checking it against its manifest; with
         `weights_only=True` unless the caller passes False (see the module docstring)."""
         backend, name = self._locate(path)
+        # like TorchCheckpointIO's default: storages on the CPU; Lightning moves them where they belong
+        map_location = "cpu" if map_location is None else map_location
         self._flush(backend.location)  # a save of this folder still queued reaches the disk first
         report = backend.recover()  # an interrupted save is completed or discarded before reading
         for problem in report.problems:
