@@ -8,6 +8,7 @@ from ksuit.callbacks import (
     PeriodicCallback,
 )
 from ksuit.initializers import PreviousRunInitializer, ResumeInitializer
+from ksuit.integrations.loop import LoopState, resume
 from ksuit.layout import checkpoint_filename, parse_checkpoint_filename
 from ksuit.models import CompositeModel, Model, ModelBase
 from ksuit.providers import PathProvider
@@ -26,6 +27,7 @@ __all__ = [
     "Callback",
     "CheckpointCallback",
     "EmaCallback",
+    "LoopState",
     "PeriodicCallback",
     "PreviousRunInitializer",
     "ResumeInitializer",
@@ -48,4 +50,5 @@ __all__ = [
     "load_file",
     "load_model",
     "parse_checkpoint_filename",
+    "resume",
 ]

@@ -5,6 +5,10 @@
     <name>[_<info>]_cp=<tag>.manifest.json     the manifest of one set (see ksuit.storage)
     .<final name>.<token>.tmp                  a file being written (token: 8 hex digits)
     .ksuit-journal.<seq>.json                  a set switch in progress (seq: its commit sequence)
+    <any plain name>.ckpt                      another framework's checkpoint that ksuit writes in
+                                               a set of its own (Lightning's), a "foreign" file
+    ksuit.manifest.json                        a folder manifest: the files of a folder another
+                                               framework wrote (a Hugging Face checkpoint-<n>)
 
 `<name>` is a model name (`autoencoder.encoder` for a submodel), `<info>` optional
 `key=value` parts such as `ema=0.999`, `<tag>` a progress tag (`E10_U200_S800`), `latest`,
@@ -26,6 +30,9 @@ SHARDED_FORMAT = "dcp"  # a folder of torch.distributed.checkpoint shards, one p
 LATEST = "latest"
 LAST = "last"
 MANIFEST_SUFFIX = ".manifest.json"
+# checkpoint files of other frameworks that ksuit writes under its own manifests (Lightning's .ckpt)
+FOREIGN_EXTENSIONS = (".ckpt",)
+FOLDER_MANIFEST = "ksuit.manifest.json"
 TEMP_SUFFIX = ".tmp"
 JOURNAL_PREFIX = ".ksuit-journal."
 
@@ -277,9 +284,21 @@ def temp_final_name(filename: str) -> str | None:
     return final if is_plain_filename(final) or is_journal_filename(final) else None
 
 
+def is_foreign_filename(filename: object) -> bool:
+    """Another framework's checkpoint file that ksuit writes in a set of its own: a plain name
+    ending in one of `FOREIGN_EXTENSIONS` (Lightning's `epoch=3-step=40.ckpt`, `last.ckpt`)."""
+    return (
+        is_plain_filename(filename)
+        and isinstance(filename, str)
+        and filename.endswith(FOREIGN_EXTENSIONS)
+        and len(filename) > max(len(e) for e in FOREIGN_EXTENSIONS)
+    )
+
+
 def is_ksuit_filename(filename: str) -> bool:
     """A final name ksuit writes into a checkpoint folder: a checkpoint file, a manifest, a
-    journal, or a plain name in one of ksuit's formats (`.th`, `.safetensors`)."""
+    journal, a plain name in one of ksuit's formats (`.th`, `.safetensors`), a foreign
+    checkpoint file ksuit writes (`.ckpt`) or a folder manifest."""
     if is_journal_filename(filename):
         return True
     if not is_plain_filename(filename):
@@ -288,6 +307,8 @@ def is_ksuit_filename(filename: str) -> bool:
         parse_checkpoint_filename(filename) is not None
         or parse_manifest_filename(filename) is not None
         or filename.endswith(FORMAT_EXTENSIONS)
+        or is_foreign_filename(filename)
+        or filename == FOLDER_MANIFEST
     )
 
 

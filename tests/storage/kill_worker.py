@@ -9,8 +9,13 @@ A worker resumes the way a real run does (`select_resume_set`, load weights, opt
 trainer state with `load_file`), then trains and saves forever: every update writes a progress
 tag and `latest` (weights, optimizers, trainer) in one `CheckpointWriter.save`.
 
+A mode `<sync|async>@<phase>` makes the worker stop at one point of its third save and say so,
+so the parent's kill lands exactly there: `staged` (temp files written and fsynced, no journal
+yet) or `committed` (the journal landed, no rename applied).
+
 Lines on stdout (one `os.write` each, so they never interleave):
-`zygote-ready`, `pid <pid>`, `saving <pid> <resumed update or -1>`, `exit <pid> <status>`.
+`zygote-ready`, `pid <pid>`, `saving <pid> <resumed update or -1>`, `paused <pid> <phase>`,
+`exit <pid> <status>`.
 """
 
 from __future__ import annotations
@@ -90,7 +95,30 @@ def slow_metadata_disk(delay: float = 0.003) -> None:
     files.fsync_dir = staging.fsync_dir = recovery.fsync_dir = fsync_dir
 
 
+def pause_at(phase: str, on_save: int = 3) -> None:
+    """Blocks this worker forever at `phase` of its `on_save`-th save (after saying so)."""
+    import threading
+
+    import ksuit.storage.local.staging as staging
+
+    target = "write_file_atomic" if phase == "staged" else "_switch"
+    real = getattr(staging, target)
+    seen = [0]
+
+    def stop_then(*args, **kwargs):
+        seen[0] += 1
+        if seen[0] == on_save:
+            emit(f"paused {os.getpid()} {phase}")
+            threading.Event().wait()
+        return real(*args, **kwargs)
+
+    setattr(staging, target, stop_then)
+
+
 def work(run_root: str, mode: str, seed: int) -> None:
+    mode, _, phase = mode.partition("@")
+    if phase:
+        pause_at(phase)
     torch.manual_seed(seed)
     if seed % 2 == 0:
         slow_metadata_disk()

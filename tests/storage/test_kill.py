@@ -191,14 +191,40 @@ def run_kills(tmp_path: Path, mode: str, kills: int, max_delay: float, seed: int
     return checker
 
 
+def kill_at_phases(tmp_path: Path, mode: str, phases: list[str]) -> Checker:
+    """One kill at each named point of a save (see kill_worker.py), each checked like the
+    random kills: the random instants cover the breadth, these make sure both sides of the
+    commit point are always among them."""
+    run_dir = tmp_path / f"{mode}-phases" / "run"
+    checker = Checker(run_dir)
+    zygote = Zygote(tmp_path / f"{mode}-phases")
+    try:
+        for i, phase in enumerate(phases):
+            pid = zygote.spawn(f"{mode}@{phase}", 100 + i)
+            zygote.expect("saving")
+            assert zygote.expect("paused") == [str(pid), phase]
+            os.kill(pid, signal.SIGKILL)
+            assert zygote.readline(60).startswith(f"exit {pid} ")
+            checker.check()
+    finally:
+        zygote.close()
+    return checker
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_sigkill_during_sync_saves_leaves_a_consistent_resumable_run(tmp_path):
     checker = run_kills(tmp_path, "sync", kills=60, max_delay=0.25, seed=1)
     assert checker.last_update > 0, "no save ever completed: the delays are too short to test anything"
-    # kills landed both before and after the commit point of a set switch
-    assert checker.phases.get("staging (temp files, no journal)", 0) > 0, checker.phases
-    assert sum(n for p, n in checker.phases.items() if p.startswith("committed")) > 0, checker.phases
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_sigkill_before_and_after_the_commit_point(tmp_path, mode):
+    checker = kill_at_phases(tmp_path, mode, ["staged", "committed", "staged", "committed"])
+    assert checker.phases.get("staging (temp files, no journal)", 0) == 2, checker.phases
+    assert sum(n for p, n in checker.phases.items() if p.startswith("committed")) == 2, checker.phases
+    assert checker.last_update > 0
 
 
 @pytest.mark.slow

@@ -38,7 +38,7 @@ def optimizer_nbytes(leaf: ModelBase) -> int:
             t.numel() * t.element_size() for s in state.values() for t in s.values() if hasattr(t, "numel")
         )
     params: int = sum(p.numel() * p.element_size() for g in optim.param_groups for p in g["params"])
-    kind = optim.config.kind.lower()
+    kind = type(optim.torch_optim).__name__.lower()  # also for optimizers built by the caller
     if "sgd" in kind:
         return params if optim.param_groups[0].get("momentum", 0) else 0
     return 2 * params

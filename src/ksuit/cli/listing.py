@@ -17,9 +17,11 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
+from ksuit.cli.folders import print_folders
 from ksuit.cli.output import console, exit_on_errors, fail, first_line, printable
 from ksuit.layout import SHARDED_FORMAT, is_sharded_filename
 from ksuit.readers import CheckpointSet, scan_sets
+from ksuit.readers.folders import checkpoint_folders
 from ksuit.readers.listing import checkpoint_folder, listed_checkpoints, read_folder, sharded_folders
 from ksuit.storage import (
     Backend,
@@ -36,7 +38,12 @@ RunDir = Annotated[str, typer.Argument(help="run folder (<output_root>/<run_id>)
 
 
 def ls_command(run_dir: RunDir) -> None:
-    """List every checkpoint file of a run: model, tag, role, iteration and size."""
+    """List every checkpoint file of a run: model, tag, role, iteration and size (or the
+    checkpoint folders ksuit marked complete, e.g. a Hugging Face output folder)."""
+    with exit_on_errors():
+        folders = checkpoint_folders(run_dir)
+    if folders is not None:
+        return print_folders(run_dir, folders, verified=False)
     with exit_on_errors():
         listing = read_folder(checkpoint_folder(run_dir))
     infos = listed_checkpoints(listing)
@@ -175,8 +182,13 @@ def verify_command(run_dir: RunDir) -> None:
 
     Interrupted saves are first completed or discarded (recovery); a save in flight in a
     training process finishes first, and the next one waits until verify is done. Exit code 1
-    when any set is incomplete or any file is corrupt or unsafe, 0 otherwise.
+    when any set is incomplete or any file is corrupt or unsafe, 0 otherwise. Checkpoint folders
+    ksuit marked complete (a Hugging Face output folder) are checked against their manifests.
     """
+    with exit_on_errors():
+        folders = checkpoint_folders(run_dir, checksum=True)
+    if folders is not None:
+        return print_folders(run_dir, folders, verified=True)
     with exit_on_errors():
         folder = checkpoint_folder(run_dir)
         # a save in flight (another process) finishes first, and none starts while we read

@@ -13,6 +13,12 @@ from ksuit.storage.backend import (
     WrittenFile,
 )
 from ksuit.storage.errors import CorruptCheckpointError, UnsafeCheckpointError
+from ksuit.storage.folder_manifest import (
+    FolderManifest,
+    folder_problems,
+    read_folder_manifest,
+    write_folder_manifest,
+)
 from ksuit.storage.formats import FORMATS, get_format
 from ksuit.storage.loading import load_file, load_opened, read_metadata
 from ksuit.storage.local import LocalBackend
@@ -26,6 +32,7 @@ __all__ = [
     "Backend",
     "CorruptCheckpointError",
     "Entry",
+    "FolderManifest",
     "LocalBackend",
     "Location",
     "Manifest",
@@ -39,12 +46,15 @@ __all__ = [
     "UnsafeCheckpointError",
     "WrittenFile",
     "get_format",
+    "folder_problems",
     "load_file",
     "load_opened",
     "open_backend",
+    "read_folder_manifest",
     "read_manifest",
     "read_metadata",
     "recover_folder",
     "split_file_location",
     "verify_file",
+    "write_folder_manifest",
 ]

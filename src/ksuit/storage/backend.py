@@ -16,7 +16,8 @@ path with `os` or `open`, so a checkpoint location may be a URL. What a backend 
   a backend without it raises `NotImplementedError` and sharded saves say so;
 - **list** the folder (`entries`, `folders`), **read** small files (`read_small`), **open**
   a file for loading with range reads (`open`), **checksum** a file (`checksum`);
-- **delete** files (`delete`), **lock** the folder against concurrent switches (`lock`),
+- **delete** files (`delete`), make files others wrote **durable** (`make_durable`, optional),
+  **lock** the folder against concurrent switches (`lock`),
   **recover** from an interrupted save (`recover`), and say how much room is left
   (`free_bytes`).
 
@@ -263,6 +264,12 @@ class Backend(ABC):
     @abstractmethod
     def delete(self, names: Sequence[str]) -> None:
         """Removes the files `names` (missing ones are skipped), durably."""
+
+    def make_durable(self, names: Sequence[str]) -> None:
+        """Makes files that something else wrote into the folder durable, with their names (a
+        Hugging Face checkpoint before its folder manifest marks it complete). The default does
+        nothing: media whose writes are durable once they return (object stores) need nothing."""
+        return None
 
     # ---- housekeeping ----------------------------------------------------------------------
     @abstractmethod

@@ -5,8 +5,9 @@ On disk a manifest is the JSON `Manifest.to_json` writes (unchanged since ksuit 
 one trusts nothing: the file must be a regular file (not a link, FIFO or device) of at most
 `MAX_MANIFEST_BYTES`, and every field is validated with strict types (`_ManifestSchema`): sizes
 are ints >= 0, checksums xxh3-64 hex digests, iterations `{epoch|update|sample: int >= 0}`,
-and every file name a plain checkpoint file name of the layout grammar (no '/', no '..', not
-absolute, not hidden), so a manifest can only ever name files inside its own folder. Any
+and every file name a plain checkpoint file name of the layout grammar or a foreign checkpoint
+ksuit writes (`*.ckpt`; no '/', no '..', not absolute, not hidden), so a manifest can only ever
+name checkpoint files inside its own folder. Any
 violation is a `CorruptCheckpointError` naming the manifest: the set is damaged, not the run.
 Unknown extra keys are ignored, so a newer ksuit may add fields without breaking this one.
 """
@@ -23,6 +24,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from ksuit.layout import (
     ROLES,
+    is_foreign_filename,
     is_part_filename,
     is_sharded_filename,
     manifest_filename,
@@ -122,13 +124,14 @@ def _iteration(value: Mapping[str, int] | None) -> dict[str, int] | None:
 
 
 def check_entry_name(name: str) -> str:
-    """A manifest's file name: a plain checkpoint file name of this folder, nothing else."""
+    """A manifest's file name: a plain checkpoint file name of this folder (of the layout
+    grammar, or a foreign checkpoint ksuit writes, e.g. Lightning's `last.ckpt`), nothing else."""
     if (
         not name
         or any(c in name for c in "/\\\0")
         or ".." in name
         or name.startswith(".")
-        or parse_checkpoint_filename(name) is None
+        or (parse_checkpoint_filename(name) is None and not is_foreign_filename(name))
     ):
         raise ValueError(f"{name[:200]!r} is not a checkpoint file name of this folder")
     return name

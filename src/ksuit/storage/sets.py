@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from ksuit.layout import SHARDED_FORMAT, manifest_filename
+from ksuit.layout import SHARDED_FORMAT, manifest_filename, parse_checkpoint_filename
 from ksuit.storage.backend import Backend, Location, StagedFolder, WriteFn, WriteStream, WrittenFile
 from ksuit.storage.errors import CorruptCheckpointError
 from ksuit.storage.formats import get_format
@@ -270,7 +270,7 @@ def _replaced_formats(bases: dict[tuple[str, str], Manifest], files: list[Pendin
     saved sharded by one run and as a `.th` file by a resume on one process, or the reverse):
     dropped from the manifests, so a set never lists two copies of one file."""
     new = {f.filename for f in files}
-    stems = {_stem(f.filename) for f in files}
+    stems = {stem for f in files if (stem := _stem(f.filename)) is not None}
     replaced = []
     for manifest in bases.values():
         for name in list(manifest.files):
@@ -280,8 +280,10 @@ def _replaced_formats(bases: dict[tuple[str, str], Manifest], files: list[Pendin
     return replaced
 
 
-def _stem(filename: str) -> str:
-    return filename.rsplit(".", 1)[0]
+def _stem(filename: str) -> tuple[str, str, str, str] | None:
+    """A checkpoint file's name without its format: `(name, info, tag, role)`."""
+    parsed = parse_checkpoint_filename(filename)
+    return None if parsed is None else (parsed.name, parsed.info, parsed.tag, parsed.role)
 
 
 def _updated_manifests(

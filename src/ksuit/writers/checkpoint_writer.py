@@ -34,13 +34,21 @@ from ksuit.writers.sharding import is_sharded, sharded_group
 
 if TYPE_CHECKING:
     from ksuit.providers import PathProvider
-    from ksuit.utils.training import UpdateCounter
+    from ksuit.utils.training import TrainingIteration, UpdateCounter
 
 
 class SupportsStateDict(Protocol):
     """What the writer needs of a trainer: its resume state (`ksuit.trainers.BaseTrainer`)."""
 
     def state_dict(self) -> dict[str, Any]: ...
+
+
+class SupportsIteration(Protocol):
+    """What the writer needs of an update counter: where training stands
+    (`ksuit.utils.training.UpdateCounter`, or a plain loop's `ksuit.LoopState`)."""
+
+    @property
+    def cur_iteration(self) -> TrainingIteration: ...
 
 
 class CheckpointKeys(enum.StrEnum):
@@ -96,7 +104,7 @@ class CheckpointWriter:
     def __init__(
         self,
         path_provider: PathProvider,
-        update_counter: UpdateCounter,
+        update_counter: UpdateCounter | SupportsIteration,
         *,
         async_save: bool = False,
         max_pending: int = 1,

@@ -304,6 +304,16 @@ class LocalBackend(Backend):
             for folder in aside:
                 remove_folder(folder)
 
+    def make_durable(self, names: Sequence[str]) -> None:
+        paths = [self._file(n) for n in names]
+        for path in paths:
+            fd = open_regular(path)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(self.path)
+
     # ---- housekeeping ----------------------------------------------------------------------
     def lock(self) -> contextlib.AbstractContextManager[object]:
         return folder_lock(self.path)
