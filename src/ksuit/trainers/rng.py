@@ -90,6 +90,21 @@ def capture_all_ranks() -> dict[str, Any]:
     return {"world_size": len(states), "ranks": states}
 
 
+def check_world_size(saved: int) -> None:
+    """Refuses a checkpoint written by another number of processes than this run has, for
+    loops whose data order ksuit does not own (`ksuit.LoopState`); ksuit's trainer resumes
+    elastically instead (`restore_own_rank` with a seed)."""
+    current = distributed.world_size()
+    if saved != current:
+        hint = (
+            f"torchrun --nproc_per_node={saved} ..." if saved > 1 else "a single process (without torchrun)"
+        )
+        raise ValueError(
+            f"the checkpoint was written by {saved} process(es) but this run has {current}; "
+            f"resume with the same world size: {hint}"
+        )
+
+
 def derived_seed(seed: int, update: int, rank: int) -> int:
     """The seed of rank `rank` when a run resumes at `update` on another world size: a fixed
     function of the three (numpy's SeedSequence mixing), so such a resume is reproducible."""
