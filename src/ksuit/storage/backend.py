@@ -120,7 +120,9 @@ def folder_digest(parts: Mapping[str, tuple[int, str]]) -> tuple[int, str]:
 
     import xxhash
 
-    listing = [[name, int(size), str(checksum)] for name, (size, checksum) in sorted(parts.items())]
+    listing: list[tuple[str, int, str]] = [
+        (name, int(size), str(c)) for name, (size, c) in sorted(parts.items())
+    ]
     digest = xxhash.xxh3_64(json.dumps(listing, separators=(",", ":")).encode()).hexdigest()
     return sum(size for _, size, _ in listing), digest
 

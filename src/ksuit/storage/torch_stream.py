@@ -55,11 +55,11 @@ def pickle_with_storages(obj: Any) -> tuple[bytes, dict[str, torch.UntypedStorag
     def persistent_id(o: Any) -> tuple[Any, ...] | None:
         if isinstance(o, torch.storage.TypedStorage):
             storage = o._untyped_storage
-            storage_type = getattr(torch, o._pickle_storage_type())
-            numel = o._size()
+            storage_type = getattr(torch, o._pickle_storage_type())  # type: ignore[no-untyped-call]
+            numel = o._size()  # type: ignore[no-untyped-call]
         elif torch.is_storage(o):
             storage = o
-            storage_type = normalize_storage_type(type(o))
+            storage_type = normalize_storage_type(type(o))  # type: ignore[no-untyped-call]
             numel = storage.nbytes()
         else:
             return None

@@ -53,6 +53,10 @@ class _Prefix:
     prefix: str
 
 
+def _write_all(data: bytes, out: WriteStream) -> None:
+    out.write(data)
+
+
 def _item_nbytes(item: WriteItem) -> int:
     size = item.tensor_storage_size()
     return size if size is not None else 0
@@ -160,7 +164,7 @@ class BackendStorageWriter(StorageWriter):
         for index, folder in enumerate(self.folders):
             data = pickle.dumps(_folder_metadata(metadata, index, storage, self.save_id))
             written = self.backend.write_part(
-                folder, METADATA_NAME, lambda out, d=data: out.write(d), len(data)
+                folder, METADATA_NAME, functools.partial(_write_all, data), len(data)
             )
             parts[folder.name].append(written)
         self.parts = parts
