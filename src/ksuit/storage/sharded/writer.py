@@ -18,6 +18,7 @@ Non-tensor items are refused: ksuit keeps plain values out of DCP's pickled byte
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import pickle
 import uuid
