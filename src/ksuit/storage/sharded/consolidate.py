@@ -30,6 +30,7 @@ from ksuit.storage.sharded.reader import SliceFile, load_chunk
 from ksuit.storage.torch_archive import check_torch_archive, read_zip_directory
 from ksuit.storage.torch_stream import placeholder, write_streamed
 
+SMALL_CHUNK = 1 << 20
 PIECE_BYTES = 16 << 20  # plus the write stream's two 16 MiB buffers: under 64 MiB
 
 
@@ -92,7 +93,27 @@ def _tensor_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(cast(Buffer, t.reshape(-1).view(torch.uint8).numpy())).cast("B")
 
 
-def tensor_pieces(folder: Backend, metadata: Metadata, key: str) -> Iterator[Buffer]:
+class PartFiles:
+    """The part files of a folder, each opened once while a consolidation reads its chunks."""
+
+    def __init__(self, folder: Backend):
+        self.folder = folder
+        self.opened: dict[str, OpenedFile] = {}
+
+    def __call__(self, name: str) -> OpenedFile:
+        if name not in self.opened:
+            self.opened[name] = self.folder.open(name)
+        return self.opened[name]
+
+    def close(self) -> None:
+        for f in self.opened.values():
+            f.close()
+        self.opened.clear()
+
+
+def tensor_pieces(
+    folder: Backend, metadata: Metadata, key: str, parts: PartFiles | None = None
+) -> Iterator[Buffer]:
     """The bytes of the full tensor `key`, row-major, in pieces (see the module docstring)."""
     item = metadata.state_dict_metadata[key]
     assert isinstance(item, TensorStorageMetadata)  # and its chunks cover it: read_folder_metadata
@@ -100,10 +121,14 @@ def tensor_pieces(folder: Backend, metadata: Metadata, key: str) -> Iterator[Buf
     if blocks is None:
         yield from _pieces_of(_tensor_bytes(full_tensor(folder, metadata, key, item)))
         return
-    for chunk in blocks:
-        info = metadata.storage_data[MetadataIndex(key, chunk.offsets)]
-        with folder.open(info.relative_path) as f:
-            span = _raw_span(f, info, key, item, tuple(chunk.sizes))
+    own = parts is None
+    parts = parts or PartFiles(folder)
+    try:
+        for chunk in blocks:
+            info = metadata.storage_data[MetadataIndex(key, chunk.offsets)]
+            f = parts(info.relative_path)
+            # small chunks are loaded whole (one parse of their archive); large ones copied raw
+            span = _raw_span(f, info, key, item, tuple(chunk.sizes)) if info.length >= SMALL_CHUNK else None
             if span is None:
                 yield from _pieces_of(_tensor_bytes(load_chunk(f, info, key, item)))
                 continue
@@ -113,6 +138,9 @@ def tensor_pieces(folder: Backend, metadata: Metadata, key: str) -> Iterator[Buf
                 if len(data) != min(PIECE_BYTES, nbytes - begin):
                     raise CorruptCheckpointError(f"{f.location} ends inside a chunk of {key[:200]!r}")
                 yield data
+    finally:
+        if own:
+            parts.close()
 
 
 def _placeholders(metadata: Metadata) -> dict[str, torch.Tensor]:
@@ -123,15 +151,21 @@ def _placeholders(metadata: Metadata) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def write_torch(folder: Backend, out: WriteStream) -> None:
+def write_torch(
+    folder: Backend, out: WriteStream, checked: tuple[dict[str, Any], Metadata] | None = None
+) -> None:
     """The sharded checkpoint as one `.th` file (the payload it replaces), streamed."""
-    skeleton, metadata = read_folder_metadata(folder)
+    skeleton, metadata = checked or read_folder_metadata(folder)
     tensors = _placeholders(metadata)
     key_of = {t.untyped_storage()._cdata: k for k, t in tensors.items()}
     payload = join_payload(skeleton["payload"], skeleton["tensors"], tensors)
-    write_streamed(
-        payload, lambda t: tensor_pieces(folder, metadata, key_of[t.untyped_storage()._cdata]), out
-    )
+    parts = PartFiles(folder)
+    try:
+        write_streamed(
+            payload, lambda t: tensor_pieces(folder, metadata, key_of[t.untyped_storage()._cdata], parts), out
+        )
+    finally:
+        parts.close()
 
 
 def safetensors_layout(folder: Backend) -> tuple[bytes, list[str], Metadata]:
@@ -176,17 +210,21 @@ def export_sharded(source: Backend, to: str, target: Backend, name: str) -> Writ
         def write(out: WriteStream) -> None:
             out.write(struct.pack("<Q", len(header)))
             out.write(header)
-            for key in order:
-                for piece in tensor_pieces(source, metadata, key):
-                    out.write(piece)
+            parts = PartFiles(source)
+            try:
+                for key in order:
+                    for piece in tensor_pieces(source, metadata, key, parts):
+                        out.write(piece)
+            finally:
+                parts.close()
 
         return target.write_file(name, write, total)
     if to != "torch":
         raise ValueError(f"cannot export to {to!r}; known: torch, safetensors")
-    _, metadata = read_folder_metadata(source)
+    checked = read_folder_metadata(source)
     total = sum(
         item.size.numel() * item.properties.dtype.itemsize
-        for item in metadata.state_dict_metadata.values()
+        for item in checked[1].state_dict_metadata.values()
         if isinstance(item, TensorStorageMetadata)
     )
-    return target.write_file(name, lambda out: write_torch(source, out), total + 64 * 1024)
+    return target.write_file(name, lambda out: write_torch(source, out, checked), total + 64 * 1024)
