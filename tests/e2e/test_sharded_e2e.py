@@ -175,3 +175,18 @@ def test_export_of_a_512_mib_two_rank_set_is_bitwise_and_bounded(tmp_path):
     rows = total_mib * MIB // tensors // (4 * COLUMNS)
     for i in range(tensors):
         assert torch.equal(exported[f"w{i}"], full_tensor(i, 2, rows)), i
+
+
+def test_the_sharded_example_trains_under_torchrun(tmp_path):
+    example = HERE.parents[1] / "examples" / "autoencoder_sharded.yaml"
+    args = ["-m", "ksuit", "train", str(example), "trainer.max_epochs=1", "--output", str(tmp_path)]
+    run(torchrun(2, *args, "--run-id", "demo", "--no-progress"))
+    folder = tmp_path / "demo" / "checkpoints"
+    for name in ("autoencoder.encoder_cp=last_model.dcp", "autoencoder.decoder_cp=latest_optim.dcp"):
+        assert sorted(p.name for p in (folder / name).iterdir()) == [
+            ".metadata",
+            "__0_0.distcp",
+            "__1_0.distcp",
+            "ksuit.th",
+        ], name
+    verify(tmp_path / "demo")
