@@ -14,7 +14,9 @@ import torch
 from ksuit.layout import is_journal_filename, is_temp_filename, temp_filename
 from ksuit.readers import scan_sets
 from ksuit.storage import (
+    AsyncSetWriter,
     CorruptCheckpointError,
+    LocalBackend,
     PendingFile,
     SetWriter,
     open_backend,
@@ -218,3 +220,27 @@ def test_a_set_saved_in_another_format_replaces_the_folders(tmp_path):
     write_sharded_set(tmp_path, seed=2)  # and back
     assert names(tmp_path) == [MANIFEST, MODEL, OPTIM, "m_cp=latest_trainer.th"]
     assert_bitwise_equal(load_full(open_backend(tmp_path).child(MODEL)), weights(2))
+
+
+def test_an_async_sharded_save_that_fails_is_raised_by_the_next_flush(tmp_path, monkeypatch):
+    write_sharded_set(tmp_path, seed=0)
+    writer = AsyncSetWriter(SetWriter(tmp_path))
+    writer.write_set(sharded_files(seed=1), run_id="r")  # snapshots, then writes in the background
+    writer.flush()
+    assert_bitwise_equal(load_full(open_backend(tmp_path).child(MODEL)), weights(1))
+    original = LocalBackend.write_part
+
+    def failing(self, staged, part, write, expected_nbytes=0):
+        if part.endswith(".distcp"):
+            raise OSError(28, "No space left on device (injected)")
+        return original(self, staged, part, write, expected_nbytes)
+
+    monkeypatch.setattr(LocalBackend, "write_part", failing)
+    writer.write_set(sharded_files(seed=2), run_id="r")
+    with pytest.raises(OSError, match="No space left on device") as raised:  # the original error
+        writer.flush()
+    assert raised.value.errno == 28
+    monkeypatch.undo()
+    writer.close()
+    assert names(tmp_path) == [MANIFEST, MODEL, OPTIM, "m_cp=latest_trainer.th"]  # nothing staged is left
+    assert_bitwise_equal(load_full(open_backend(tmp_path).child(MODEL)), weights(1))

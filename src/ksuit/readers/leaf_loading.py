@@ -37,6 +37,11 @@ def _like(full: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return full
 
 
+def place_like(state: dict[str, Any], own: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """A full state dict laid out like `own` (this rank's shard of each DTensor there)."""
+    return {k: _like(v, own[k]) if k in own and isinstance(v, torch.Tensor) else v for k, v in state.items()}
+
+
 def load_state_like(own: dict[str, torch.Tensor], path: Location) -> dict[str, torch.Tensor]:
     """The `state_dict` of the weights file (or sharded folder) at `path`, each tensor laid out
     like the tensor of `own` under its key (this rank's shard of a DTensor)."""
@@ -53,7 +58,7 @@ def load_state_like(own: dict[str, torch.Tensor], path: Location) -> dict[str, t
         state: dict[str, torch.Tensor] = load_resharded(_sharded_folder(path), target)["state_dict"]
         return state
     full: dict[str, torch.Tensor] = load_payload(path)["state_dict"]
-    return {k: _like(v, own[k]) if k in own else v for k, v in full.items()} if sharded else full
+    return place_like(full, own) if sharded else full
 
 
 def load_leaf_weights(leaf: Model, path: Location) -> None:

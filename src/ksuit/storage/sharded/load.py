@@ -24,7 +24,7 @@ from ksuit.storage.loading import load_opened
 from ksuit.storage.sharded.metadata import chunk_problems, read_dcp_metadata
 from ksuit.storage.sharded.payload import Path_, join_payload
 from ksuit.storage.sharded.reader import BackendStorageReader, load_chunk
-from ksuit.storage.sharded.save import SKELETON_FORMAT, SKELETON_NAME, SKELETON_VERSION
+from ksuit.storage.sharded.save import SKELETON_FORMAT, SKELETON_NAME, SKELETON_VERSION, plain_errors
 
 
 def _bad(folder: Backend, problem: str) -> CorruptCheckpointError:
@@ -141,7 +141,7 @@ def load_resharded(folder: Backend, target: TargetFn, group: Any = None) -> Any:
             )
         targets[key] = t
     no_dist = not (dist.is_available() and dist.is_initialized())
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), plain_errors(group):
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.load(
             targets,

@@ -9,7 +9,9 @@ rest of the set once every rank's parts are durable.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import torch.distributed as dist
@@ -57,7 +59,7 @@ def write_tensors(
         tensors.update({folder_key(index, key): t for key, t in own.items()})
     writer = BackendStorageWriter(backend, [staged for staged, _ in folders])
     no_dist = not (dist.is_available() and dist.is_initialized())
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), plain_errors(group):
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.save(
             tensors,
@@ -67,3 +69,27 @@ def write_tensors(
             no_dist=no_dist,
         )
     return writer.parts
+
+
+@contextlib.contextmanager
+def plain_errors(group: dist.ProcessGroup | None) -> Iterator[None]:
+    """DCP reports a failure on any rank to every rank as a `CheckpointException`, a
+    `BaseException` that `except Exception` does not catch. Raised instead: this rank's own error
+    (an `OSError` of a full disk stays one, as in a save of one process), or a RuntimeError
+    naming the rank that failed and its error."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        yield
+    except CheckpointException as e:
+        failures = e.failures
+        rank = dist.get_rank(group) if dist.is_available() and dist.is_initialized() else 0
+        if rank in failures and isinstance(failures[rank][0], Exception):
+            own = failures[rank][0]
+            own.add_note(f"(on rank {rank} of a sharded checkpoint save or load)")
+            raise own from None
+        first = min(failures)
+        error = failures[first][0]
+        raise RuntimeError(
+            f"a sharded checkpoint save or load failed on rank {first}: {type(error).__name__}: {error}"
+        ) from None
