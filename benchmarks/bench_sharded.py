@@ -257,10 +257,12 @@ def main() -> None:
         f"ratio {report['ratios']['sync_throughput_ksuit_over_dcp']:.2f} (goal >= 0.95)"
     )
     print(
-        f"  async save  blocked: ksuit {b['ksuit_async'] * 1e3:.0f} ms   dcp.async_save {b['dcp_async'] * 1e3:.0f} ms"
+        f"  async save  blocked: ksuit {b['ksuit_async'] * 1e3:.0f} ms   "
+        f"dcp.async_save {b['dcp_async'] * 1e3:.0f} ms"
     )
     print(
-        f"  replicated  rank 0 .th {s['replicated_rank0_th']:.2f} s   spread over ranks {s['replicated_spread_dcp']:.2f} s"
+        f"  replicated  rank 0 .th {s['replicated_rank0_th']:.2f} s   "
+        f"spread over ranks {s['replicated_spread_dcp']:.2f} s"
     )
     for name, r in c.items():
         if "error" in r:
