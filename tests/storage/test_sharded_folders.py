@@ -244,3 +244,19 @@ def test_an_async_sharded_save_that_fails_is_raised_by_the_next_flush(tmp_path, 
     writer.close()
     assert names(tmp_path) == [MANIFEST, MODEL, OPTIM, "m_cp=latest_trainer.th"]  # nothing staged is left
     assert_bitwise_equal(load_full(open_backend(tmp_path).child(MODEL)), weights(1))
+
+
+def test_a_committed_save_whose_staged_folder_holds_a_link_is_discarded(tmp_path, monkeypatch):
+    outside = tmp_path / "outside"
+    outside.write_bytes(b"precious")
+    run = tmp_path / "run"
+    write_sharded_set(run, seed=0)
+    committed_but_not_switched(run, monkeypatch)
+    staged = next(n for n in names(run) if is_temp_filename(n) and MODEL in n)
+    os.unlink(run / staged / "__0_0.distcp")
+    os.symlink(outside, run / staged / "__0_0.distcp")  # planted: a part that is a link
+    report = open_backend(run).recover()
+    assert report.discarded and not report.rolled_forward
+    assert outside.read_bytes() == b"precious"
+    assert not [n for n in names(run) if is_temp_filename(n) or is_journal_filename(n)]
+    assert_bitwise_equal(load_full(open_backend(run).child(MODEL)), weights(0))
