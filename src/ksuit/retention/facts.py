@@ -6,7 +6,8 @@ everything after it (`ksuit.retention.planner`) is pure.
 The guarantees, whatever the policy: sets under a tag that is not a progress tag (`latest`,
 `last`, `best_*`, any name) are never candidates; nor are pinned sets (`ksuit pin`), sets
 without a readable manifest (not committed, or damaged: left for `ksuit verify`), sets a save in
-flight is writing, sets with entries that are not regular files, the newest complete resumable
+flight is writing, sets with entries that are not regular files or with exported copies beside
+them (deleting the set would leave the copies without one), the newest complete resumable
 set and every set resume may pick (`ksuit.readers.resume_choices`, the very logic of
 `select_resume_set`), and sets saved at the iteration of one of those (e.g. its EMA weights).
 """
@@ -185,5 +186,7 @@ def _guarantee(
         return "a save in flight is writing it"
     if s.irregular:
         return "has entries that are not regular files (`ksuit verify` reports them)"
+    if s.others:
+        return "has exported copies beside it (`ksuit export`); move them away to let retention decide"
     return protected.get(name)
 
