@@ -20,7 +20,7 @@ runner = CliRunner()
 @pytest.fixture
 def saved(tmp_path):
     """Six updates, each a progress tag and latest, with a validation loss."""
-    saver = Saver(tmp_path)
+    saver = Saver(tmp_path, train=False)
     for loss in (0.9, 0.2, 0.5, 0.7, 0.6, 0.8):
         saver.save(metrics={"loss/val": loss})
     return saver

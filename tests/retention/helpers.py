@@ -19,13 +19,24 @@ GROUP = "autoencoder"
 class Saver:
     """One update per `save()`, saved under its progress tag (and `latest` with `latest=True`)."""
 
-    def __init__(self, root: Path, policy: RetentionPolicy | None = None, async_save: bool = False, **kw):
+    def __init__(
+        self,
+        root: Path,
+        policy: RetentionPolicy | None = None,
+        async_save: bool = False,
+        train: bool = True,
+        model: Autoencoder | None = None,
+        **kw,
+    ):
         self.provider = PathProvider(root, "run")
         self.folder = self.provider.checkpoint_path
         self.run_dir = self.provider.run_output_path
         self.counter = UpdateCounter(None, TrainingIteration(epoch=10**6), updates_per_epoch=2, effective_batch_size=4)
-        self.model = Autoencoder(autoencoder_config()).initialize()
+        self.model = model if model is not None else Autoencoder(autoencoder_config()).initialize()
         self.writer = CheckpointWriter(self.provider, self.counter, retention=policy, async_save=async_save, **kw)
+        self.train = train  # False: one optimizer step at the start only (the files are what matter)
+        if not train and model is None:
+            train_one_step(self.model)
 
     def restart(self, policy: RetentionPolicy | None = None, async_save: bool = False) -> None:
         """A new writer (as in a new process) with `policy`, continuing at the same update."""
@@ -33,7 +44,8 @@ class Saver:
         self.writer = CheckpointWriter(self.provider, self.counter, retention=policy, async_save=async_save)
 
     def step(self) -> None:
-        train_one_step(self.model)
+        if self.train:
+            train_one_step(self.model)
         self.counter.next_update()
         self.counter.add_samples(4)
         if self.counter.at_epoch_end:

@@ -4,7 +4,8 @@
 Around a save, on the thread that writes it (the background thread for asynchronous saves):
 
 - *before* anything is staged, with the folder lock held, and only when the policy has a
-  budget: sets are evicted until the save fits (`ksuit.retention.planner`); when it cannot fit,
+  budget: sets are evicted until the save fits (`ksuit.retention.planner`; the save's size is
+  estimated from what the same files took last time, `facts.estimate_incoming`); when it cannot fit,
   `OSError(ENOSPC)` names the bytes needed, the budget and what is protected, and nothing is
   written or deleted;
 - *after* the save committed: every set the policy no longer keeps is deleted, then the budget
@@ -22,9 +23,9 @@ import time
 from collections import Counter
 from collections.abc import Mapping
 
-from ksuit.readers.listing import checkpoint_folder
+from ksuit.readers.listing import checkpoint_folder, read_folder
 from ksuit.readers.sets import scan_sets
-from ksuit.retention.facts import FolderFacts, Verified, gather
+from ksuit.retention.facts import FolderFacts, Verified, estimate_incoming, gather
 from ksuit.retention.pins import read_pins, write_pins
 from ksuit.retention.planner import Plan, plan
 from ksuit.schemas.retention import RetentionPolicy
@@ -71,7 +72,10 @@ class Retention:
         if not self.policy.has_budget:
             return
         backend.recover()
-        decided = plan(self.facts(backend), self.policy, time.time_ns(), incoming=needed_bytes, defer_rules=True)
+        listing = read_folder(backend)
+        incoming = estimate_incoming(files, listing)
+        facts = gather(backend, read_pins(backend), self.in_flight(), self.verified, listing)
+        decided = plan(facts, self.policy, time.time_ns(), incoming=incoming, defer_rules=True)
         if decided.shortfall is not None:
             raise budget_error(backend, decided)
         apply_plan(backend, decided)

@@ -14,13 +14,13 @@ set and every set resume may pick (`ksuit.readers.resume_choices`, the very logi
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from ksuit.layout import LAST, LATEST, manifest_filename
+from ksuit.layout import LAST, LATEST, manifest_filename, parse_checkpoint_filename, parse_manifest_filename
 from ksuit.readers.listing import FolderListing, read_folder
 from ksuit.readers.sets import CheckpointSet, resume_choices, sets_of
-from ksuit.storage import Backend
+from ksuit.storage import Backend, PendingFile, get_format
 from ksuit.utils.training import TrainingIteration
 
 
@@ -190,3 +190,42 @@ def _guarantee(
         return "has exported copies beside it (`ksuit export`); move them away to let retention decide"
     return protected.get(name)
 
+
+
+MARGIN_BYTES = 4096  # per file, on top of its size last time (and 1%)
+
+
+def estimate_incoming(files: Sequence[PendingFile], listing: FolderListing) -> int:
+    """The bytes a save of `files` adds to the folder while it is written, for the budget: each
+    file at the size the same file (model, info, role, format; any tag) had the last time it
+    was written, plus 1% and `MARGIN_BYTES`, so steady-state saves are estimated closely even
+    for small models; a file never written before at its format's estimate from the tensors;
+    files sharing one payload (hard links) once; each manifest like the group's other manifests."""
+    known: dict[tuple[str, ...], int] = {}
+    for name, entry in listing.entries.items():
+        if entry.problem is None and (key := _kind_key(name)) is not None:
+            known[key] = max(known.get(key, 0), entry.size)
+    total = 0
+    payloads: set[tuple[int, str]] = set()
+    for f in files:
+        if (id(f.payload), f.fmt) in payloads:
+            continue
+        payloads.add((id(f.payload), f.fmt))
+        previous = known.get(_kind_key(f.filename) or ("?",))
+        if previous is None:
+            total += get_format(f.fmt).estimate_nbytes(f.payload)
+        else:
+            total += previous + previous // 100 + MARGIN_BYTES
+    for manifest in {f.manifest for f in files if f.manifest is not None}:
+        total += known.get(_kind_key(manifest) or ("?",), 0) + MARGIN_BYTES
+    return total
+
+
+def _kind_key(name: str) -> tuple[str, ...] | None:
+    """What identifies a file across tags: a checkpoint's model, info, role and extension; a
+    manifest's group."""
+    parsed = parse_checkpoint_filename(name)
+    if parsed is not None:
+        return ("file", parsed.name, parsed.info, parsed.role, parsed.ext)
+    manifest = parse_manifest_filename(name)
+    return ("manifest", manifest[0]) if manifest is not None else None
