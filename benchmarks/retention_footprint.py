@@ -72,11 +72,16 @@ def main() -> None:
         result = footprint(Path(tmp), args.epochs)
     kib = 1024
     print(f"sets kept: {', '.join(result['sets'])}")
-    print(f"| policy | bytes on disk |\n| --- | ---: |")
+    print("| policy | bytes on disk |\n| --- | ---: |")
     print(f"| retention (`keep_last: 2`, `keep_every_epochs: 10`) | {result['retention'] / kib:.1f} KiB |")
-    print(f"| keep everything ({result['progress_written']} progress sets) | {result['everything'] / kib:.1f} KiB |")
-    print(f"| Lightning-style (each of the {len(result['progress_kept']) + 1} checkpoints with weights and "
-          f"optimizer state) | {result['lightning'] / kib:.1f} KiB |")
+    print(
+        f"| keep everything ({result['progress_written']} progress sets) "
+        f"| {result['everything'] / kib:.1f} KiB |"
+    )
+    print(
+        f"| Lightning-style (each of the {len(result['progress_kept']) + 1} checkpoints with weights and "
+        f"optimizer state) | {result['lightning'] / kib:.1f} KiB |"
+    )
 
 
 if __name__ == "__main__":

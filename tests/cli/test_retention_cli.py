@@ -6,13 +6,13 @@ from __future__ import annotations
 import json
 
 import pytest
+from tests.cli.test_listing import rows
+from tests.retention.helpers import Saver, bytes_on_disk, progress_tags
 from typer.testing import CliRunner
 
 from ksuit.cli import app
 from ksuit.layout import PINS_FILENAME
 from ksuit.readers import list_checkpoints
-from tests.cli.test_listing import rows
-from tests.retention.helpers import Saver, bytes_on_disk, progress_tags
 
 runner = CliRunner()
 
@@ -36,7 +36,10 @@ def test_prune_dry_run_prints_every_decision_and_deletes_nothing(saved):
     assert result.exit_code == 0, result.output
     table = {r[1]: r for r in rows(result.output)}
     assert table["E0_U1_S4"][4] == "would delete" and table["E0_U1_S4"][5] == "no rule keeps it"
-    assert table["E1_U2_S8"][4] == "keep" and "keep_best loss/val:min:1 (loss/val 0.2, #1)" in table["E1_U2_S8"][5]
+    assert (
+        table["E1_U2_S8"][4] == "keep"
+        and "keep_best loss/val:min:1 (loss/val 0.2, #1)" in table["E1_U2_S8"][5]
+    )
     assert table["E2_U5_S20"][5] == "keep_last 2"
     assert "'latest': the rolling resume point" in table["latest"][5]
     assert "would delete 3 of 7 sets" in result.output
@@ -86,7 +89,10 @@ def test_ls_sizes_counts_hard_links_once(saved):
     assert sets["E3_U6_S24"][5] != "" and sets["latest"][5] != ""  # they share optimizer and trainer files
     assert sets["E0_U1_S4"][5] == ""  # its former partners in latest were replaced since
     total = bytes_on_disk(saved.folder)
-    assert f"folder total: " in result.output and f"({total} bytes on disk; hard links counted once)" in result.output
+    assert (
+        "folder total: " in result.output
+        and f"({total} bytes on disk; hard links counted once)" in result.output
+    )
 
 
 @pytest.mark.parametrize(
@@ -112,7 +118,9 @@ def test_a_damaged_pins_file_is_reported_and_nothing_is_deleted(saved):
     (saved.folder / PINS_FILENAME).write_text('{"version": 1, "pinned": ["../../etc"]}')
     before = sorted(p.name for p in saved.folder.iterdir())
     result = invoke("prune", saved.run_dir, "--keep-last", "1")
-    assert result.exit_code == 1 and f"pins file {saved.folder / PINS_FILENAME} cannot be read" in result.output
+    assert (
+        result.exit_code == 1 and f"pins file {saved.folder / PINS_FILENAME} cannot be read" in result.output
+    )
     assert sorted(p.name for p in saved.folder.iterdir()) == before
     ls = invoke("ls", saved.run_dir)
     assert ls.exit_code == 1 and f"problem: {PINS_FILENAME}" in ls.output

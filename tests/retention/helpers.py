@@ -31,9 +31,13 @@ class Saver:
         self.provider = PathProvider(root, "run")
         self.folder = self.provider.checkpoint_path
         self.run_dir = self.provider.run_output_path
-        self.counter = UpdateCounter(None, TrainingIteration(epoch=10**6), updates_per_epoch=2, effective_batch_size=4)
+        self.counter = UpdateCounter(
+            None, TrainingIteration(epoch=10**6), updates_per_epoch=2, effective_batch_size=4
+        )
         self.model = model if model is not None else Autoencoder(autoencoder_config()).initialize()
-        self.writer = CheckpointWriter(self.provider, self.counter, retention=policy, async_save=async_save, **kw)
+        self.writer = CheckpointWriter(
+            self.provider, self.counter, retention=policy, async_save=async_save, **kw
+        )
         self.train = train  # False: one optimizer step at the start only (the files are what matter)
         if not train and model is None:
             train_one_step(self.model)
@@ -51,7 +55,9 @@ class Saver:
         if self.counter.at_epoch_end:
             self.counter.next_epoch()
 
-    def save(self, latest: bool = True, resumable: bool = True, metrics: dict | None = None, tag: str | None = None) -> str:
+    def save(
+        self, latest: bool = True, resumable: bool = True, metrics: dict | None = None, tag: str | None = None
+    ) -> str:
         self.step()
         tag = tag or str(self.counter.cur_iteration)
         self.writer.save(

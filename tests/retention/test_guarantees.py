@@ -40,7 +40,9 @@ def test_deletion_happens_only_after_the_new_set_is_committed(tmp_path, monkeypa
     ]
     assert all(committed for _, committed in deleted_while)
     # a save that fails before its commit deletes nothing
-    monkeypatch.setattr(sets_module, "_updated_manifests", lambda *a: (_ for _ in ()).throw(OSError("disk gone")))
+    monkeypatch.setattr(
+        sets_module, "_updated_manifests", lambda *a: (_ for _ in ()).throw(OSError("disk gone"))
+    )
     with pytest.raises(OSError, match="disk gone"):
         saver.save()
     assert len(deleted_while) == 3 and progress_tags(saver.run_dir) == ["E2_U4_S16"]
@@ -162,6 +164,11 @@ def test_non_finite_metrics_are_left_out_and_bad_ones_refused(tmp_path, caplog):
     tag = saver.save(metrics={"loss": float("nan"), "acc": 0.5})
     manifest = json.loads((saver.folder / f"{GROUP}_cp={tag}.manifest.json").read_text())
     assert manifest["metrics"] == {"acc": 0.5} and "'loss' is nan" in caplog.text
-    for bad, error in (({1: 0.5}, ValueError), ({"x": "0.5"}, TypeError), ([0.5], TypeError), ({"": 1.0}, ValueError)):
+    for bad, error in (
+        ({1: 0.5}, ValueError),
+        ({"x": "0.5"}, TypeError),
+        ([0.5], TypeError),
+        ({"": 1.0}, ValueError),
+    ):
         with pytest.raises(error):
             saver.save(metrics=bad)

@@ -21,7 +21,9 @@ def progress(update: int, group: str = "m", size: int = 100, guarantee: str | No
     return SetFacts(manifest, group, tag, it, names, metrics, NOW - (1000 - update) * 10**9, guarantee)
 
 
-def folder(*sets: SetFacts, size: int = 100, free: int | None = None, shared: dict | None = None) -> FolderFacts:
+def folder(
+    *sets: SetFacts, size: int = 100, free: int | None = None, shared: dict | None = None
+) -> FolderFacts:
     files = {}
     for s in sets:
         for name in s.names:
@@ -64,7 +66,13 @@ def test_milestones_keep_the_first_set_at_each_multiple():
 
 
 def test_keep_best_reads_recorded_metrics_min_and_max():
-    sets = [progress(10, loss=0.5), progress(20, loss=0.2), progress(30, loss=0.3), progress(40), progress(50, loss=0.2)]
+    sets = [
+        progress(10, loss=0.5),
+        progress(20, loss=0.2),
+        progress(30, loss=0.3),
+        progress(40),
+        progress(50, loss=0.2),
+    ]
     p = plan(folder(*sets), RetentionPolicy(keep_best=KeepBest(metric="loss", mode="min", n=2)), NOW)
     assert kept(p) == ["E2_U20_S80", "E5_U50_S200"]  # a tie: both 0.2
     p = plan(folder(*sets), RetentionPolicy(keep_best=[KeepBest(metric="loss", mode="max", n=1)]), NOW)
@@ -86,7 +94,12 @@ def test_a_set_survives_when_any_rule_keeps_it_with_every_reason():
 
 
 def test_guarantees_beat_every_rule_and_count_for_keep_last():
-    sets = [progress(10, guarantee="pinned"), progress(20), progress(30), progress(40, guarantee="resume picks it")]
+    sets = [
+        progress(10, guarantee="pinned"),
+        progress(20),
+        progress(30),
+        progress(40, guarantee="resume picks it"),
+    ]
     p = plan(folder(*sets), RetentionPolicy(keep_last=2), NOW)
     # the newest two are U30 and U40 (U40 protected anyway); U10 is pinned
     assert kept(p) == ["E1_U10_S40", "E3_U30_S120", "E4_U40_S160"]
@@ -95,8 +108,15 @@ def test_guarantees_beat_every_rule_and_count_for_keep_last():
 
 def test_named_tags_and_uncommitted_sets_are_never_candidates():
     named = SetFacts("m_cp=latest.manifest.json", "m", "latest", None, ("x",), guarantee="'latest'")
-    orphan = SetFacts("m_cp=E9_U90_S360.manifest.json", "m", "E9_U90_S360", None, ("y",), committed=False,
-                      guarantee="not committed")
+    orphan = SetFacts(
+        "m_cp=E9_U90_S360.manifest.json",
+        "m",
+        "E9_U90_S360",
+        None,
+        ("y",),
+        committed=False,
+        guarantee="not committed",
+    )
     p = plan(folder(named, orphan, progress(10)), RetentionPolicy(keep_last=1), NOW)
     assert deleted(p) == []
 
@@ -151,7 +171,9 @@ def test_min_free_bytes_counts_what_deletions_free():
 def test_hard_links_count_once_and_free_nothing_while_another_name_holds_them():
     a, b = progress(10), progress(20)
     shared = {a.names[0]: "inode-1", "m_cp=latest_model.th": "inode-1"}
-    latest = SetFacts("m_cp=latest.manifest.json", "m", "latest", None, ("m_cp=latest_model.th",), guarantee="'latest'")
+    latest = SetFacts(
+        "m_cp=latest.manifest.json", "m", "latest", None, ("m_cp=latest_model.th",), guarantee="'latest'"
+    )
     f = folder(a, b, latest, shared=shared)
     assert f.usage() == 400  # 5 names, one pair of them links of one file
     p = plan(f, RetentionPolicy(max_bytes=250), NOW)
@@ -177,8 +199,13 @@ def test_the_most_sets_a_run_holds_under_a_policy(policy, expected):
 def test_policy_values_are_checked_and_sizes_accept_units():
     assert RetentionPolicy(max_bytes="20GiB").max_bytes == 20 << 30
     assert RetentionPolicy(min_free_bytes="500MB").min_free_bytes == 500 * 10**6
-    for bad in ({"keep_last": 0}, {"keep_last": True}, {"max_bytes": "lots"}, {"keep_best": {"metric": "x", "mode": "avg"}},
-                {"keep_everything": True}):
+    for bad in (
+        {"keep_last": 0},
+        {"keep_last": True},
+        {"max_bytes": "lots"},
+        {"keep_best": {"metric": "x", "mode": "avg"}},
+        {"keep_everything": True},
+    ):
         with pytest.raises(ValueError):
             RetentionPolicy.model_validate(bad)
     assert RetentionPolicy(keep_last=2, max_bytes=1024).describe() == "keep_last 2, max_bytes 1.0 KiB"

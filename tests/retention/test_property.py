@@ -113,7 +113,10 @@ def kept_by_rules(policy: RetentionPolicy, sets: dict[str, tuple[int, float | No
     if policy.keep_every_updates:
         kept.update(t for t in order if sets[t][0] % policy.keep_every_updates == 0)
     for best in policy.best:
-        scored = sorted((t for t in order if sets[t][1] is not None), key=lambda t: (sets[t][1] * (1 if best.mode == "min" else -1), -sets[t][0]))
+        scored = sorted(
+            (t for t in order if sets[t][1] is not None),
+            key=lambda t: (sets[t][1] * (1 if best.mode == "min" else -1), -sets[t][0]),
+        )
         kept.update(scored[: best.n])
     return kept
 
@@ -171,7 +174,9 @@ def step(saver: Saver, model: Model, op: tuple) -> None:
                 model.newest_resumable = saver.counter.update
             saved = tag is not None
         except OSError as e:
-            assert e.errno == errno.ENOSPC and model.policy is not None and model.policy.max_bytes is not None, e
+            assert (
+                e.errno == errno.ENOSPC and model.policy is not None and model.policy.max_bytes is not None
+            ), e
             assert sorted(os.listdir(saver.folder)) == entries, "a save that did not fit changed the folder"
             saver.counter.next_update()  # the counter moved; keep updates unique
     elif kind == "restart":
@@ -210,7 +215,9 @@ def test_guarantees_and_budget_hold_after_every_step(first, sequence):
         shutil.rmtree(root, ignore_errors=True)
 
 
-@pytest.mark.parametrize("policy", [RetentionPolicy(keep_last=1), RetentionPolicy(keep_every_updates=2, max_bytes=10**9)])
+@pytest.mark.parametrize(
+    "policy", [RetentionPolicy(keep_last=1), RetentionPolicy(keep_every_updates=2, max_bytes=10**9)]
+)
 def test_the_oracle_agrees_on_a_plain_run(policy):
     """The oracle itself: a run without pins or restarts keeps what the rules say."""
     root = scratch()

@@ -20,11 +20,16 @@ from ksuit.writers import CheckpointWriter
 from tests.retention.helpers import progress_tags
 
 TINY = Path(__file__).parents[1] / "e2e" / "tiny_autoencoder.yaml"
-EVERY_EPOCH = "callbacks.1={kind: checkpoint, every_n_epochs: 1, save_weights: true, save_optim: true, save_last: false}"
+EVERY_EPOCH = (
+    "callbacks.1={kind: checkpoint, every_n_epochs: 1, save_weights: true, save_optim: true, "
+    "save_last: false}"
+)
 
 
 def tiny(tmp_path, *overrides, **kwargs):
-    return prepare_run(load_run_config(TINY, [EVERY_EPOCH, "trainer.max_epochs=4", *overrides]), tmp_path, "run", **kwargs)
+    return prepare_run(
+        load_run_config(TINY, [EVERY_EPOCH, "trainer.max_epochs=4", *overrides]), tmp_path, "run", **kwargs
+    )
 
 
 def test_top_level_retention_of_the_run_config(tmp_path):
@@ -43,7 +48,9 @@ def test_retention_under_a_checkpoint_callback(tmp_path):
 def test_retention_set_twice_is_an_error_naming_both(tmp_path):
     with pytest.raises(ConfigError, match="callbacks.1.retention: retention is also set at the top level"):
         tiny(tmp_path, "retention={keep_last: 1}", "callbacks.1.retention={keep_last: 2}")
-    with pytest.raises(ConfigError, match="retention.keep_lats: unknown key 'keep_lats'; did you mean 'keep_last'"):
+    with pytest.raises(
+        ConfigError, match="retention.keep_lats: unknown key 'keep_lats'; did you mean 'keep_last'"
+    ):
         tiny(tmp_path, "retention={keep_lats: 1}")
     prepared = tiny(tmp_path, "callbacks.1.retention={keep_last: 2}")
     prepared.trainer.retention = RetentionPolicy(keep_last=1)
@@ -98,5 +105,7 @@ def test_the_estimate_counts_what_the_policy_keeps_and_warns_about_free_space(tm
 
 
 def test_the_trainer_takes_a_policy_as_a_mapping(tmp_path):
-    trainer = BaseTrainer(PathProvider(tmp_path, "r"), effective_batch_size=4, max_epochs=1, retention={"keep_last": 3})
+    trainer = BaseTrainer(
+        PathProvider(tmp_path, "r"), effective_batch_size=4, max_epochs=1, retention={"keep_last": 3}
+    )
     assert trainer.retention == RetentionPolicy(keep_last=3)

@@ -15,8 +15,8 @@ optimizer and trainer files of the two tags hard-linked): a sync save over an ex
 async saves (`CheckpointWriter(async_save=True)`), three consecutive sync saves from an empty
 folder (`latest` rewritten twice), and a save under a retention policy (`keep_last: 1`) that
 deletes the previous progress set after committing (the journaled delete). Every state must
-also hold no checkpoint file that no manifest lists (what `ksuit verify` would report). The fast test checks a seeded sample of
-the states; the slow one checks them all. Run with `-s` to see the counts.
+also hold no checkpoint file that no manifest lists (what `ksuit verify` would report). The
+fast test checks a seeded sample of the states; the slow one checks them all. Run with `-s` to see the counts.
 """
 
 from __future__ import annotations
@@ -61,7 +61,9 @@ class Run:
             None, TrainingIteration(epoch=30), updates_per_epoch=20, effective_batch_size=4
         )
         self.model = Autoencoder(autoencoder_config()).initialize()
-        self.writer = CheckpointWriter(self.provider, self.counter, async_save=async_save, retention=retention)
+        self.writer = CheckpointWriter(
+            self.provider, self.counter, async_save=async_save, retention=retention
+        )
 
     def save(self) -> int:
         """One update (one optimizer step per submodel), then a save of a progress tag and latest."""

@@ -166,7 +166,9 @@ class Checker:
             assert result.exit_code == 0, result.output
 
 
-def run_kills(tmp_path: Path, mode: str, kills: int, max_delay: float, seed: int, verify: bool = False) -> Checker:
+def run_kills(
+    tmp_path: Path, mode: str, kills: int, max_delay: float, seed: int, verify: bool = False
+) -> Checker:
     rng = random.Random(seed)
     run_dir = tmp_path / mode / "run"
     checker = Checker(run_dir, verify)

@@ -164,7 +164,11 @@ def hostile_records(run: Run, tmp_path: Path) -> dict[str, dict]:
     entry = {"name": U1_FILES[0], "size": good.files[0].size, "checksum": good.files[0].checksum}
 
     def record(manifest=U1, files=None, sequence=good.commit_sequence):
-        return {"manifest": manifest, "commit_sequence": sequence, "files": files if files is not None else [entry]}
+        return {
+            "manifest": manifest,
+            "commit_sequence": sequence,
+            "files": files if files is not None else [entry],
+        }
 
     outside = os.path.relpath(tmp_path / "outside" / "victim.th", run.folder)
     return {
@@ -176,7 +180,9 @@ def hostile_records(run: Run, tmp_path: Path) -> dict[str, dict]:
         "a manifest as a file": record(files=[{**entry, "name": "autoencoder_cp=latest.manifest.json"}]),
         "the pins file": record(files=[{**entry, "name": PINS_FILENAME}]),
         "not a checkpoint name": record(files=[{**entry, "name": "notes.txt"}]),
-        "a temporary file": record(files=[{**entry, "name": ".autoencoder_cp=E0_U1_S0_trainer.th.0badc0de.tmp"}]),
+        "a temporary file": record(
+            files=[{**entry, "name": ".autoencoder_cp=E0_U1_S0_trainer.th.0badc0de.tmp"}]
+        ),
         "a name twice": record(files=[entry, entry]),
         "bad checksum": record(files=[{**entry, "checksum": "../../x"}]),
         "negative size": record(files=[{**entry, "size": -1}]),

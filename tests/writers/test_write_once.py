@@ -18,7 +18,11 @@ from ksuit.trainers.runner import prepare_run, run
 from tests.retention.helpers import Saver
 
 TINY = Path(__file__).parents[1] / "e2e" / "tiny_autoencoder.yaml"
-SHARED = ("autoencoder.encoder_cp={}_optim.th", "autoencoder.decoder_cp={}_optim.th", "autoencoder_cp={}_trainer.th")
+SHARED = (
+    "autoencoder.encoder_cp={}_optim.th",
+    "autoencoder.decoder_cp={}_optim.th",
+    "autoencoder_cp={}_trainer.th",
+)
 
 
 def inode(folder: Path, name: str) -> int:
@@ -62,7 +66,14 @@ def test_the_set_writer_links_only_the_same_payload_in_the_same_format(tmp_path)
     files = [
         PendingFile("m_cp=E0_U1_S1_optim.th", payload, "torch", "optim", "m", "E0_U1_S1"),
         PendingFile("m_cp=latest_optim.th", payload, "torch", "optim", "m", "latest"),
-        PendingFile("m_cp=E0_U1_S1_model.th", {"state_dict": {"w": torch.arange(4.0)}}, "torch", "model", "m", "E0_U1_S1"),
+        PendingFile(
+            "m_cp=E0_U1_S1_model.th",
+            {"state_dict": {"w": torch.arange(4.0)}},
+            "torch",
+            "model",
+            "m",
+            "E0_U1_S1",
+        ),
         PendingFile("m_cp=latest_model.th", {"state_dict": payload}, "torch", "model", "m", "latest"),
     ]
     written = SetWriter(tmp_path).write(files)
@@ -82,4 +93,8 @@ def test_last_shares_the_bytes_of_latest_at_the_end_of_training(tmp_path):
         by_tag.setdefault(c.tag, set()).add(c.role)
     assert by_tag["last"] == {"model", "optim", "trainer"}
     chosen, _ = select_resume_set(prepared.run_dir, "autoencoder", tag="last")
-    assert chosen.ok and chosen.training_iteration == select_resume_set(prepared.run_dir, "autoencoder")[0].training_iteration
+    assert (
+        chosen.ok
+        and chosen.training_iteration
+        == select_resume_set(prepared.run_dir, "autoencoder")[0].training_iteration
+    )

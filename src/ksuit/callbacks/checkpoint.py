@@ -147,7 +147,9 @@ class CheckpointCallback(PeriodicCallback):
         per_save = weights * spec.save_weights + optim * spec.save_optim
         kept = saves
         if policy is not None and per_save:
-            iterations = [(u // trainer.updates_per_epoch, u, u * trainer.effective_batch_size) for u in updates]
+            iterations = [
+                (u // trainer.updates_per_epoch, u, u * trainer.effective_batch_size) for u in updates
+            ]
             kept = kept_at_most(policy, iterations)
         periodic = kept * (per_save + trainer_file) if per_save else 0
         latest = weights * spec.save_latest_weights + optim * spec.save_latest_optim
@@ -155,7 +157,12 @@ class CheckpointCallback(PeriodicCallback):
         last = 0
         if self.save_last:  # its optimizer and trainer files are links of latest's when both exist
             shared = (optim * spec.save_latest_optim + trainer_file) if latest else 0
-            last = weights * spec.merged().save_weights + optim * spec.merged().save_optim + trainer_file - shared
+            last = (
+                weights * spec.merged().save_weights
+                + optim * spec.merged().save_optim
+                + trainer_file
+                - shared
+            )
         total = periodic + latest + last
         if policy is not None and policy.max_bytes is not None:
             total = min(total, policy.max_bytes)

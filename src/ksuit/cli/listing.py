@@ -40,7 +40,8 @@ RunDir = Annotated[str, typer.Argument(help="run folder (<output_root>/<run_id>)
 def ls_command(
     run_dir: RunDir,
     sizes: Annotated[
-        bool, typer.Option("--sizes", help="also the bytes each set really holds (hard links once) and the total")
+        bool,
+        typer.Option("--sizes", help="also the bytes each set really holds (hard links once) and the total"),
     ] = False,
 ) -> None:
     """List every checkpoint file of a run: model, tag, role, iteration and size; pinned tags.
@@ -236,6 +237,8 @@ def verify_command(run_dir: RunDir) -> None:
             f"recovery: completed {len(report.rolled_forward)} interrupted renames, "
             f"removed {len(report.removed_temps)} temporary files"
         )
+    if report.deleted:
+        out.print(f"recovery: finished an interrupted set delete ({len(report.deleted)} files removed)")
     for problem in report.problems:  # e.g. a read-only copy: reported, the sets are still checked
         out.print(f"recovery: {printable(problem)}", markup=False, soft_wrap=True)
     table = Table(title=escape(printable(folder.location)))

@@ -48,12 +48,15 @@ def prune_command(
         float | None, typer.Option(min=0.0, help="keep every set saved within the last H hours")
     ] = None,
     max_bytes: Annotated[
-        str | None, typer.Option(help="delete the oldest sets the rules keep until the folder fits, e.g. 20GiB")
+        str | None,
+        typer.Option(help="delete the oldest sets the rules keep until the folder fits, e.g. 20GiB"),
     ] = None,
     min_free_bytes: Annotated[
         str | None, typer.Option(help="delete the oldest sets the rules keep until this much is free")
     ] = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="print what would be deleted; delete nothing")] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="print what would be deleted; delete nothing")
+    ] = False,
 ) -> None:
     """Delete the checkpoint sets a retention policy does not keep, crash-safely.
 
@@ -104,7 +107,8 @@ def _print_plan(decided: Plan, policy: RetentionPolicy, dry_run: bool) -> None:
     gone = [d for d in decided.decisions if d.delete]
     verb = "would delete" if dry_run else "deleted"
     out.print(
-        f"{verb} {len(gone)} of {len(decided.decisions)} sets; the folder holds {human_bytes(decided.bytes_before)}"
+        f"{verb} {len(gone)} of {len(decided.decisions)} sets; "
+        f"the folder holds {human_bytes(decided.bytes_before)}"
         f" ({decided.bytes_before} bytes), {human_bytes(decided.bytes_after)} ({decided.bytes_after} bytes) "
         f"{'after' if dry_run else 'now'} (hard links counted once)",
         markup=False,

@@ -41,7 +41,9 @@ class Retention:
 
     def __init__(self, policy: RetentionPolicy):
         if not isinstance(policy, RetentionPolicy):
-            raise TypeError(f"retention must be a ksuit.retention.RetentionPolicy, got {type(policy).__name__}")
+            raise TypeError(
+                f"retention must be a ksuit.retention.RetentionPolicy, got {type(policy).__name__}"
+            )
         self.policy = policy
         self.verified = Verified()
         self._in_flight: Counter[str] = Counter()
@@ -80,7 +82,9 @@ class Retention:
             raise budget_error(backend, decided)
         apply_plan(backend, decided)
 
-    def after_save(self, backend: Backend, files: list[PendingFile], committed: Mapping[str, int] | None) -> None:
+    def after_save(
+        self, backend: Backend, files: list[PendingFile], committed: Mapping[str, int] | None
+    ) -> None:
         self.released(files)
         if committed is None:
             return
@@ -142,7 +146,9 @@ def pin(run_dir: Location | Backend, tag: str) -> bool:
         tags = {s.tag for s in scan_sets(folder)}
         if tag not in tags:
             known = ", ".join(sorted(tags)[:20]) or "none"
-            raise FileNotFoundError(f"no checkpoint set has the tag '{tag}' in {folder.location} (tags: {known})")
+            raise FileNotFoundError(
+                f"no checkpoint set has the tag '{tag}' in {folder.location} (tags: {known})"
+            )
         pins = read_pins(folder)
         if tag in pins:
             return False
@@ -163,4 +169,3 @@ def unpin(run_dir: Location | Backend, tag: str) -> None:
 
 def pinned_tags(run_dir: Location | Backend) -> set[str]:
     return read_pins(checkpoint_folder(run_dir))
-

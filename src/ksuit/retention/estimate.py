@@ -20,7 +20,9 @@ def kept_at_most(policy: RetentionPolicy, saves: Sequence[Iteration]) -> int:
         return len(saves)
     every = [
         (i, k)
-        for i, k in enumerate((policy.keep_every_epochs, policy.keep_every_updates, policy.keep_every_samples))
+        for i, k in enumerate(
+            (policy.keep_every_epochs, policy.keep_every_updates, policy.keep_every_samples)
+        )
         if k is not None
     ]
     best = sum(b.n for b in policy.best)

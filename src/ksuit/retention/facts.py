@@ -99,7 +99,9 @@ class Verified:
             self._known.add((s.manifest.filename, s.manifest.commit_sequence or 0))
 
     def __call__(self, s: CheckpointSet) -> bool:
-        return s.manifest is not None and (s.manifest.filename, s.manifest.commit_sequence or 0) in self._known
+        return (
+            s.manifest is not None and (s.manifest.filename, s.manifest.commit_sequence or 0) in self._known
+        )
 
 
 def gather(
@@ -116,7 +118,9 @@ def gather(
     verified = verified if verified is not None else Verified()
     protected = _resume_guarantees(sets, verified)
     files = {
-        name: (e.file_id or f"name:{name}", e.size) for name, e in listing.entries.items() if e.problem is None
+        name: (e.file_id or f"name:{name}", e.size)
+        for name, e in listing.entries.items()
+        if e.problem is None
     }
     facts = [_facts(s, listing, pinned, in_flight, protected) for s in sets]
     return FolderFacts(folder.location, tuple(facts), files, folder.free_bytes())
@@ -141,7 +145,9 @@ def _resume_guarantees(sets: list[CheckpointSet], verified: Verified) -> dict[st
         name = _manifest_name(s)
         at = iterations.get(str(it)) if it is not None else None
         if name not in protected and at is not None and at[0] != s.group:
-            protected[name] = f"saved with the resume set {at[0]}@{at[1]} (same iteration, e.g. its EMA weights)"
+            protected[name] = (
+                f"saved with the resume set {at[0]}@{at[1]} (same iteration, e.g. its EMA weights)"
+            )
     return protected
 
 
@@ -168,7 +174,11 @@ def _facts(
 
 
 def _guarantee(
-    s: CheckpointSet, name: str, pinned: Collection[str], in_flight: Collection[str], protected: Mapping[str, str]
+    s: CheckpointSet,
+    name: str,
+    pinned: Collection[str],
+    in_flight: Collection[str],
+    protected: Mapping[str, str],
 ) -> str | None:
     if s.tag == LATEST:
         return "'latest': the rolling resume point"
@@ -189,7 +199,6 @@ def _guarantee(
     if s.others:
         return "has exported copies beside it (`ksuit export`); move them away to let retention decide"
     return protected.get(name)
-
 
 
 MARGIN_BYTES = 4096  # per file, on top of its size last time (and 1%)

@@ -33,7 +33,11 @@ def read_pins(folder: Backend) -> set[str]:
         return set()
     except (UnsafeCheckpointError, ValueError, OSError) as e:
         raise _corrupt(where, str(e).splitlines()[0] if str(e) else type(e).__name__) from None
-    if not isinstance(doc, dict) or doc.get("version") != PINS_VERSION or not isinstance(doc.get("pinned"), list):
+    if (
+        not isinstance(doc, dict)
+        or doc.get("version") != PINS_VERSION
+        or not isinstance(doc.get("pinned"), list)
+    ):
         raise _corrupt(where, f"not a version {PINS_VERSION} pins file")
     tags = doc["pinned"]
     if len(tags) > MAX_PINS:

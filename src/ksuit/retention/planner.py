@@ -85,7 +85,9 @@ def plan(
     evicted = _evict(folder, policy, incoming, gone, expired if defer_rules else [], by_rule)
     names = {n for s in folder.sets if s.manifest in gone for n in s.names}
     after = folder.usage(names)
-    shortfall = None if _fits(folder, policy, incoming, names) else _shortfall(folder, policy, incoming, after)
+    shortfall = (
+        None if _fits(folder, policy, incoming, names) else _shortfall(folder, policy, incoming, after)
+    )
     decisions = []
     for s in folder.sets:
         if s.guarantee is not None:

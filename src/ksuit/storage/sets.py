@@ -71,7 +71,9 @@ class SaveHooks(Protocol):
         """Before anything of the save is written, with the folder lock held: may delete sets to
         make room for `needed_bytes`, or raise `OSError(ENOSPC)` so that nothing is written."""
 
-    def after_save(self, backend: Backend, files: list[PendingFile], committed: Mapping[str, int] | None) -> None:
+    def after_save(
+        self, backend: Backend, files: list[PendingFile], committed: Mapping[str, int] | None
+    ) -> None:
         """After the save: `committed` maps each manifest it wrote whole (every file of the set
         written by this save) to its commit sequence; None when the save failed."""
 
@@ -147,7 +149,9 @@ class SetWriter:
             self.hooks.after_save(self._backend, files, committed)
         return written
 
-    def _write(self, files: list[PendingFile], run_id: str | None) -> tuple[list[WrittenFile], dict[str, int]]:
+    def _write(
+        self, files: list[PendingFile], run_id: str | None
+    ) -> tuple[list[WrittenFile], dict[str, int]]:
         manifest_of: dict[str, str | None] = {f.filename: f.manifest for f in files}
         manifest_of.update({m: m for f in files if (m := f.manifest) is not None})
         with self._backend.begin_set(manifest_of, estimate_nbytes(files)) as txn:
@@ -162,7 +166,9 @@ class SetWriter:
                 same = first_of.get(key)
                 w = txn.stage_same(f.filename, same) if same is not None else None
                 if w is None:
-                    w = txn.stage(f.filename, _payload_writer(f), get_format(f.fmt).estimate_nbytes(f.payload))
+                    w = txn.stage(
+                        f.filename, _payload_writer(f), get_format(f.fmt).estimate_nbytes(f.payload)
+                    )
                     first_of.setdefault(key, f.filename)
                 written.append(w)
             manifests = _updated_manifests(bases, files, written, run_id, sequence)
@@ -222,5 +228,6 @@ def _updated_manifests(
         if metrics.get((f.group, f.tag)) is None:
             metrics[(f.group, f.tag)] = f.metrics
     for key, m in bases.items():
-        m.metrics = dict(metrics[key]) if metrics.get(key) else None  # the set is of this save now
+        found = metrics.get(key)
+        m.metrics = dict(found) if found else None  # the set is of this save now
     return list(bases.values())

@@ -221,8 +221,11 @@ class BaseTrainer:
         ]
         if len(sources) > 1:
             raise ValueError(
-                "retention is set more than once (" + ", ".join(name for name, _ in sources) + "); it governs "
-                "the run's whole checkpoint folder: set it once, at the top of the run config or on one callback"
+                "retention is set more than once ("
+                + ", ".join(name for name, _ in sources)
+                + "); it governs "
+                "the run's whole checkpoint folder: set it once, at the top of the run config or on one "
+                "callback"
             )
         return sources[0][1] if sources else None
 

@@ -236,7 +236,8 @@ def prepare_run(
         if given:
             raise config.error(
                 f"callbacks.{given[0]}.retention",
-                "retention is also set at the top level; it governs the run's whole checkpoint folder: set it once",
+                "retention is also set at the top level; it governs the run's whole checkpoint folder: "
+                "set it once",
             )
         trainer.retention = config.retention
 

@@ -369,6 +369,8 @@ class CheckpointWriter:
     def _log_written(self, written: list[WrittenFile]) -> None:
         for w in written:
             if w.shared_with is not None:
-                self.logger.info("wrote %s (%s bytes, the bytes of %s: hard link)", w.location, w.size, w.shared_with)
+                self.logger.info(
+                    "wrote %s (%s bytes, the bytes of %s: hard link)", w.location, w.size, w.shared_with
+                )
             else:
                 self.logger.info("wrote %s (%s bytes, %.3fs)", w.location, w.size, w.seconds)

@@ -109,7 +109,8 @@ def check_metrics(metrics: Any) -> dict[str, float] | None:
     for key, value in metrics.items():
         if not isinstance(key, str) or not 0 < len(key) <= MAX_METRIC_NAME:
             raise ValueError(
-                f"metric name {str(key)[:100]!r} must be a non-empty str of at most {MAX_METRIC_NAME} characters"
+                f"metric name {str(key)[:100]!r} must be a non-empty str of at most {MAX_METRIC_NAME} "
+                "characters"
             )
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise TypeError(f"metric {key!r} must be a float, got {type(value).__name__}")

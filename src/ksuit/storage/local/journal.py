@@ -221,8 +221,12 @@ def _delete_record(path: Path, item: object) -> DeleteRecord:
     if not isinstance(item, dict):
         raise _corrupt(path, f"has a delete record that is not an object: {str(item)[:200]!r}")
     manifest, sequence, files = item.get("manifest"), item.get("commit_sequence"), item.get("files")
-    parsed = parse_manifest_filename(manifest) if is_plain_filename(manifest) else None
-    if parsed is None:
+    parsed = (
+        parse_manifest_filename(manifest)
+        if isinstance(manifest, str) and is_plain_filename(manifest)
+        else None
+    )
+    if parsed is None or not isinstance(manifest, str):
         raise _unsafe(path, f"deletes {str(manifest)[:200]!r} as a manifest, which is not a manifest name")
     if not isinstance(sequence, int) or isinstance(sequence, bool) or sequence < 0:
         raise _corrupt(path, f"records commit sequence {sequence!r} for {manifest!r}")
@@ -234,8 +238,10 @@ def _delete_record(path: Path, item: object) -> DeleteRecord:
         if not isinstance(entry, dict):
             raise _corrupt(path, f"has a file to delete that is not an object: {str(entry)[:200]!r}")
         name, size, checksum = entry.get("name"), entry.get("size"), entry.get("checksum")
-        checkpoint = parse_checkpoint_filename(name) if is_plain_filename(name) else None
-        if checkpoint is None or checkpoint.tag != tag:
+        checkpoint = (
+            parse_checkpoint_filename(name) if isinstance(name, str) and is_plain_filename(name) else None
+        )
+        if checkpoint is None or checkpoint.tag != tag or not isinstance(name, str):
             raise _unsafe(
                 path, f"deletes {str(name)[:200]!r}, which is not a checkpoint file of the set {manifest!r}"
             )
