@@ -29,9 +29,13 @@ def _keep_best(specs: list[str]) -> list[KeepBest]:
     result = []
     for spec in specs:
         match = _BEST.match(spec)
-        if match is None:
-            raise fail(f"--keep-best {spec!r} is not METRIC:min|max:N (e.g. loss/val:min:3)", EXIT_USAGE)
-        result.append(KeepBest(metric=match["metric"], mode=match["mode"], n=int(match["n"])))  # type: ignore[arg-type]
+        if match is None or int(match["n"]) < 1:
+            raise fail(
+                f"--keep-best {spec!r} is not METRIC:min|max:N with N >= 1 (e.g. loss/val:min:3)", EXIT_USAGE
+            )
+        result.append(
+            KeepBest.model_validate({"metric": match["metric"], "mode": match["mode"], "n": int(match["n"])})
+        )
     return result
 
 

@@ -29,7 +29,7 @@ from ksuit.retention.facts import FolderFacts, Verified, estimate_incoming, gath
 from ksuit.retention.pins import read_pins, write_pins
 from ksuit.retention.planner import Plan, plan
 from ksuit.schemas.retention import RetentionPolicy
-from ksuit.storage import Backend, Location, PendingFile
+from ksuit.storage import Backend, CorruptCheckpointError, Location, PendingFile, UnsafeCheckpointError
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ class Retention:
                 self.policy.describe(),
                 backend.location,
                 e,
-                exc_info=not isinstance(e, OSError),
+                exc_info=not isinstance(e, (OSError, CorruptCheckpointError, UnsafeCheckpointError)),
             )
             return
         if decided.shortfall is not None:
