@@ -13,6 +13,7 @@ from ksuit.layout import checkpoint_filename, parse_checkpoint_filename
 from ksuit.models import CompositeModel, Model, ModelBase
 from ksuit.providers import PathProvider
 from ksuit.readers import CheckpointInfo, list_checkpoints, load_model
+from ksuit.retention import RetentionPolicy
 from ksuit.schemas.models import ModelBaseConfig, OptimizerConfig
 from ksuit.storage import CorruptCheckpointError, UnsafeCheckpointError, load_file
 from ksuit.trainers import BaseTrainer
@@ -41,6 +42,7 @@ __all__ = [
     "ModelBaseConfig",
     "OptimizerConfig",
     "PathProvider",
+    "RetentionPolicy",
     "TrainingIteration",
     "UnsafeCheckpointError",
     "UpdateCounter",

@@ -4,7 +4,8 @@
     <name>[_<info>]_cp=<tag>_<role>.dcp/       a sharded checkpoint: a folder (ksuit.storage.sharded)
     <name>[_<info>]_cp=<tag>.manifest.json     the manifest of one set (see ksuit.storage)
     .<final name>.<token>.tmp                  a file being written (token: 8 hex digits)
-    .ksuit-journal.<seq>.json                  a set switch in progress (seq: its commit sequence)
+    .ksuit-journal.<seq>.json                  a set switch or set delete in progress (seq: its sequence)
+    ksuit-pins.json                            the tags `ksuit pin` protects from retention
     <any plain name>.ckpt                      another framework's checkpoint that ksuit writes in
                                                a set of its own (Lightning's), a "foreign" file
     ksuit.manifest.json                        a folder manifest: the files of a folder another
@@ -35,6 +36,7 @@ FOREIGN_EXTENSIONS = (".ckpt",)
 FOLDER_MANIFEST = "ksuit.manifest.json"
 TEMP_SUFFIX = ".tmp"
 JOURNAL_PREFIX = ".ksuit-journal."
+PINS_FILENAME = "ksuit-pins.json"  # not a checkpoint: no `_cp=`, never `.th` or `.manifest.json`
 
 # one `_<key>=<value>` part of `<info>`; a value never holds '_', so parts split on it
 _INFO_KEY = r"[A-Za-z][A-Za-z0-9.\-]*"
@@ -297,9 +299,9 @@ def is_foreign_filename(filename: object) -> bool:
 
 def is_ksuit_filename(filename: str) -> bool:
     """A final name ksuit writes into a checkpoint folder: a checkpoint file, a manifest, a
-    journal, a plain name in one of ksuit's formats (`.th`, `.safetensors`), a foreign
-    checkpoint file ksuit writes (`.ckpt`) or a folder manifest."""
-    if is_journal_filename(filename):
+    journal, the pins file, a plain name in one of ksuit's formats (`.th`, `.safetensors`), a
+    foreign checkpoint file ksuit writes (`.ckpt`) or a folder manifest."""
+    if is_journal_filename(filename) or filename == PINS_FILENAME:
         return True
     if not is_plain_filename(filename):
         return False

@@ -1,7 +1,7 @@
 """`ksuit` command line: thin wrappers over the library, no logic of their own.
 
-Every command is a plain function in its module (`train`, `listing`, `export`), registered on
-`app` here, explicitly.
+Every command is a plain function in its module (`train`, `listing`, `export`, `retention`),
+registered on `app` here, explicitly.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import typer
 
 from ksuit.cli.export import export_command
 from ksuit.cli.listing import inspect_command, ls_command, verify_command
+from ksuit.cli.retention import pin_command, prune_command, unpin_command
 from ksuit.cli.train import train_command
 
 app = typer.Typer(
@@ -24,6 +25,9 @@ app.command("ls")(ls_command)
 app.command("inspect")(inspect_command)
 app.command("verify")(verify_command)
 app.command("export")(export_command)
+app.command("prune")(prune_command)
+app.command("pin")(pin_command)
+app.command("unpin")(unpin_command)
 
 
 def main() -> None:

@@ -24,7 +24,7 @@ from ksuit.storage.loading import load_file, load_opened, read_metadata
 from ksuit.storage.local import LocalBackend
 from ksuit.storage.locations import open_backend, recover_folder, split_file_location
 from ksuit.storage.manifest import Manifest, ManifestEntry, read_manifest, verify_file
-from ksuit.storage.sets import PendingFile, SetSink, SetWriter
+from ksuit.storage.sets import PendingFile, SaveHooks, SetSink, SetWriter
 
 __all__ = [
     "FORMATS",
@@ -40,6 +40,7 @@ __all__ = [
     "OpenedFile",
     "PendingFile",
     "RecoveryReport",
+    "SaveHooks",
     "SetSink",
     "SetTransaction",
     "SetWriter",
