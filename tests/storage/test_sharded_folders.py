@@ -260,3 +260,27 @@ def test_a_committed_save_whose_staged_folder_holds_a_link_is_discarded(tmp_path
     assert outside.read_bytes() == b"precious"
     assert not [n for n in names(run) if is_temp_filename(n) or is_journal_filename(n)]
     assert_bitwise_equal(load_full(open_backend(run).child(MODEL)), weights(0))
+
+
+def test_retention_deletes_a_sharded_set_and_recovery_finishes_an_interrupted_delete(tmp_path, monkeypatch):
+    from ksuit.storage.local import deletion
+
+    write_sharded_set(tmp_path)
+    open_backend(tmp_path).delete_set(MANIFEST)
+    assert names(tmp_path) == []
+    write_sharded_set(tmp_path)
+    original = deletion._unlink
+
+    def crash_on_the_folder(path):
+        if path.name == MODEL:
+            raise KeyboardInterrupt  # the process dies after the delete committed
+        original(path)
+
+    monkeypatch.setattr(deletion, "_unlink", crash_on_the_folder)
+    with pytest.raises(KeyboardInterrupt):
+        open_backend(tmp_path).delete_set(MANIFEST)
+    monkeypatch.undo()
+    assert MODEL in names(tmp_path) and MANIFEST not in names(tmp_path)
+    report = open_backend(tmp_path).recover()
+    assert MODEL in report.deleted, report
+    assert names(tmp_path) == []
