@@ -119,8 +119,9 @@ def load_model_payload(
     folder, name = split_file_location(path)
     if is_sharded_filename(name):
         payload = load_payload(path, verify=verify)
-        if map_location is not None and isinstance(map_location, (str, torch.device)):
-            payload["state_dict"] = {k: v.to(map_location) for k, v in payload.get("state_dict", {}).items()}
+        movable = isinstance(payload, dict) and isinstance(payload.get("state_dict"), dict)
+        if movable and map_location is not None and isinstance(map_location, (str, torch.device)):
+            payload["state_dict"] = {k: v.to(map_location) for k, v in payload["state_dict"].items()}
         location = folder.file_location(name)
     else:
         with folder.open(name, follow_symlinks=True) as f:
