@@ -30,6 +30,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_save_load.py --out benchmarks/results.json
+	$(BIN)/python benchmarks/bench_sharded.py --out benchmarks/results_sharded.json
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks examples

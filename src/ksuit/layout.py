@@ -1,6 +1,7 @@
 """The checkpoint file-name grammar, in both directions, and name/tag validation.
 
     <name>[_<info>]_cp=<tag>_<role>.<ext>      a checkpoint file (role: model | optim | trainer)
+    <name>[_<info>]_cp=<tag>_<role>.dcp/       a sharded checkpoint: a folder (ksuit.storage.sharded)
     <name>[_<info>]_cp=<tag>.manifest.json     the manifest of one set (see ksuit.storage)
     .<final name>.<token>.tmp                  a file being written (token: 8 hex digits)
     .ksuit-journal.<seq>.json                  a set switch or set delete in progress (seq: its sequence)
@@ -25,7 +26,8 @@ from dataclasses import dataclass
 from ksuit.utils.training import TrainingIteration
 
 ROLES = ("model", "optim", "trainer")
-EXTENSIONS = {"torch": "th", "safetensors": "safetensors"}
+EXTENSIONS = {"torch": "th", "safetensors": "safetensors", "dcp": "dcp"}
+SHARDED_FORMAT = "dcp"  # a folder of torch.distributed.checkpoint shards, one per rank
 LATEST = "latest"
 LAST = "last"
 MANIFEST_SUFFIX = ".manifest.json"
@@ -42,7 +44,7 @@ _INFO_PART = _INFO_KEY + r"=[^_/\\]*"
 # matched with fullmatch: `$` would also match before a trailing newline
 _FILE_RE = re.compile(
     r"(?P<name>[^/\\]+?)(?P<info>(?:_" + _INFO_PART + r")*)_cp=(?P<tag>[^/\\]+)"
-    r"_(?P<role>model|optim|trainer)\.(?P<ext>th|safetensors)"
+    r"_(?P<role>model|optim|trainer)\.(?P<ext>th|safetensors|dcp)"
 )
 _MANIFEST_RE = re.compile(
     r"(?P<name>[^/\\]+?)(?P<info>(?:_" + _INFO_PART + r")*)_cp=(?P<tag>[^/\\]+)" + re.escape(MANIFEST_SUFFIX)
@@ -165,7 +167,12 @@ class CheckpointName:
 
     @property
     def format(self) -> str:
-        return "safetensors" if self.ext == "safetensors" else "torch"
+        return {"safetensors": "safetensors", "dcp": SHARDED_FORMAT}.get(self.ext, "torch")
+
+    @property
+    def is_sharded(self) -> bool:
+        """A folder of per-rank shards (`.dcp`), not a single file."""
+        return self.ext == EXTENSIONS[SHARDED_FORMAT]
 
     @property
     def training_iteration(self) -> TrainingIteration | None:
@@ -207,6 +214,26 @@ def parse_checkpoint_filename(filename: str) -> CheckpointName | None:
         role=match["role"],
         info=match["info"].lstrip("_"),
         ext=match["ext"],
+    )
+
+
+def is_sharded_filename(name: object) -> bool:
+    """A checkpoint name of a sharded checkpoint: a folder `..._<role>.dcp`."""
+    parsed = parse_checkpoint_filename(name) if isinstance(name, str) else None
+    return parsed is not None and parsed.is_sharded
+
+
+_PART_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,200}$")
+
+
+def is_part_filename(name: object) -> bool:
+    """A file name inside a sharded checkpoint folder (`__0_0.distcp`, `.metadata`, `ksuit.th`):
+    letters, digits, '_', '.', '-', never '.' or '..' or a temporary name."""
+    return (
+        isinstance(name, str)
+        and _PART_RE.match(name) is not None
+        and name not in (".", "..")
+        and not name.endswith(TEMP_SUFFIX)
     )
 
 

@@ -19,10 +19,16 @@ from rich.table import Table
 
 from ksuit.cli.folders import print_folders
 from ksuit.cli.output import console, exit_on_errors, fail, first_line, printable
-from ksuit.layout import PINS_FILENAME
+from ksuit.layout import PINS_FILENAME, SHARDED_FORMAT, is_sharded_filename
 from ksuit.readers import CheckpointSet, scan_sets
 from ksuit.readers.folders import checkpoint_folders
-from ksuit.readers.listing import FolderListing, checkpoint_folder, listed_checkpoints, read_folder
+from ksuit.readers.listing import (
+    FolderListing,
+    checkpoint_folder,
+    listed_checkpoints,
+    read_folder,
+    sharded_folders,
+)
 from ksuit.readers.sets import sets_of
 from ksuit.retention import read_pins
 from ksuit.storage import (
@@ -162,26 +168,37 @@ def _has_tensor(obj: Any) -> bool:
 
 
 def inspect_command(
-    file: Annotated[str, typer.Argument(help="a checkpoint file (.th or .safetensors), a path or URL")],
+    file: Annotated[
+        str,
+        typer.Argument(help="a checkpoint file (.th, .safetensors) or sharded folder (.dcp), a path or URL"),
+    ],
     max_tensors: Annotated[int, typer.Option(help="show at most this many tensors (0: all)")] = 200,
 ) -> None:
-    """Show a checkpoint file's metadata and its tensors (name, shape, dtype, bytes).
+    """Show a checkpoint's metadata and its tensors (name, shape, dtype, bytes).
 
-    Tensor data is never read: `.th` files are memory-mapped and safetensors files are read up
-    to their header. Files are loaded with weights_only=True only; an unsafe file is refused.
+    Tensor data is never read: `.th` files are memory-mapped, safetensors files are read up to
+    their header, and sharded checkpoint folders (`.dcp`) only through their `ksuit.th` and
+    `.metadata` (no process group needed). Files are loaded with weights_only=True only; an
+    unsafe file is refused.
     """
     with exit_on_errors():
-        folder, name = split_file_location(file)
-        sizes = {e.name: e for e in folder.entries()} if folder.exists_as() == "folder" else {}
-        if name not in sizes or sizes[name].problem is not None:
+        folder, name = split_file_location(file.rstrip("/"))
+        if folder.exists_as() != "folder":
+            sizes = {}
+        elif is_sharded_filename(name):
+            sizes = sharded_folders(folder)
+        else:
+            sizes = {e.name: e.size for e in folder.entries() if e.problem is None}
+        if name not in sizes:
+            what = "a sharded checkpoint folder" if is_sharded_filename(name) else "a file"
             raise fail(
-                f"{file} is not a file; pass a checkpoint file such as "
-                "<run>/checkpoints/x_cp=latest_model.th",
+                f"{file} is not {what}; pass a checkpoint file such as "
+                "<run>/checkpoints/x_cp=latest_model.th (or a sharded folder x_cp=latest_model.dcp)",
                 2,
             )
-        meta = read_metadata(file)
+        meta = read_metadata(folder.file_location(name))
     out = console()
-    out.print(f"[bold]{escape(printable(file))}[/bold] ({human_bytes(sizes[name].size)})")
+    out.print(f"[bold]{escape(printable(file))}[/bold] ({human_bytes(sizes[name])})")
     for key, value in meta.items():
         if not _has_tensor(value):
             out.print(f"  {printable(key)}: {printable(repr(value))}", markup=False)
@@ -211,9 +228,20 @@ def _recover(folder: Backend) -> tuple[RecoveryReport, bool]:
 
 
 def _check_loads(s: CheckpointSet) -> None:
-    """Adds a problem for every file of the set that does not load (through the safe loader)."""
+    """Adds a problem for every file of the set that does not load (through the safe loader);
+    a sharded checkpoint folder is checked without loading its tensors (safe metadata, every
+    tensor's chunks cover it exactly, every chunk a well-formed tensor archive)."""
     for name, info in sorted(s.files.items()):
         if name in s.problems:
+            continue
+        if info.format == SHARDED_FORMAT:
+            from ksuit.storage.sharded.verify import check_folder
+
+            problems = check_folder(s.folder.child(name))
+            if problems:
+                s.problems[name] = "; ".join(problems[:3]) + (
+                    f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+                )
             continue
         try:
             with s.folder.open(name) as f:

@@ -7,13 +7,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ksuit.initializers.base import Initializer, describe_spec, parse_checkpoint_spec
-from ksuit.readers import (
-    CheckpointSet,
-    ResumePoint,
-    find_checkpoint_dir,
-    load_model_payload,
-    select_resume_set,
-)
+from ksuit.readers import CheckpointSet, ResumePoint, find_checkpoint_dir, select_resume_set
+from ksuit.readers.leaf_loading import load_leaf_optimizer, load_leaf_weights
 from ksuit.storage import load_file
 
 if TYPE_CHECKING:
@@ -79,11 +74,11 @@ class ResumeInitializer(Initializer):
                     "no weights of frozen %s in '%s'; it keeps its current weights", name, chosen.tag
                 )
             else:
-                leaf.load_state_dict(load_model_payload(weights.path)["state_dict"])
+                load_leaf_weights(leaf, weights.path)  # a file or a sharded folder, resharded
             if leaf.optimizer is not None:
                 optim = chosen.file(name, "optim")
                 assert optim is not None  # select() returns only sets with every required file
-                leaf.optimizer.load_state_dict(load_file(optim.path))
+                load_leaf_optimizer(leaf, optim.path)
         trainer_file = chosen.file(trainer.model.name, "trainer")
         assert trainer_file is not None  # select() returns only sets with a trainer file
         trainer.load_state_dict(load_file(trainer_file.path), strict=self.strict)

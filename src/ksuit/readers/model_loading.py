@@ -14,7 +14,7 @@ from typing import Any, TypeVar, cast, overload
 
 import torch
 
-from ksuit.layout import parse_checkpoint_filename, parse_manifest_filename
+from ksuit.layout import is_sharded_filename, parse_checkpoint_filename, parse_manifest_filename
 from ksuit.models.base import ModelBase
 from ksuit.models.wrapped import WrappedCompositeConfig, WrappedModel, WrappedModuleConfig, rebuild_error
 from ksuit.readers.listing import read_folder
@@ -22,7 +22,7 @@ from ksuit.schemas.models import ModelBaseConfig
 from ksuit.storage import Backend, Location, OpenedFile, load_opened, split_file_location
 from ksuit.storage.errors import CorruptCheckpointError
 from ksuit.storage.formats import format_of_path
-from ksuit.storage.manifest import ManifestEntry
+from ksuit.storage.manifest import ManifestEntry, verify_file
 from ksuit.utils.imports import import_path, resolve_kind_from_file, trusted_prefixes
 
 logger = logging.getLogger(__name__)
@@ -76,6 +76,36 @@ def check_opened(f: OpenedFile, folder: Backend, checksum: bool = True) -> None:
         )
 
 
+def check_sharded(folder: Backend, name: str, checksum: bool = True) -> None:
+    """`check_opened` for a sharded checkpoint folder: when a manifest beside it lists it, every
+    part must be there with its size (and, with `checksum`, its checksum), and nothing else."""
+    listed = manifest_entry_of(folder, name)
+    if listed is None:
+        return
+    manifest_name, entry = listed
+    problem = verify_file(folder, name, entry, checksum=checksum)
+    if problem is not None:
+        raise CorruptCheckpointError(
+            f"{folder.file_location(name)} does not match the manifest {manifest_name} that lists it "
+            f"({problem}); run `ksuit verify {folder.location}` and load another checkpoint"
+        )
+
+
+def load_payload(path: Location, verify: bool = True) -> Any:
+    """The payload of any checkpoint: a file (loaded safely) or a sharded checkpoint folder
+    (consolidated on CPU in this process, no process group needed), checked against the
+    manifest that lists it."""
+    folder, name = split_file_location(path)
+    if is_sharded_filename(name):
+        from ksuit.storage.sharded.load import load_full
+
+        check_sharded(folder, name, checksum=verify)
+        return load_full(folder.child(name))
+    with folder.open(name, follow_symlinks=True) as f:
+        check_opened(f, folder, checksum=verify)
+        return load_opened(f, map_location="cpu")
+
+
 def load_model_payload(
     path: Location, map_location: Any = "cpu", mmap: bool = False, verify: bool = True
 ) -> dict[str, Any]:
@@ -83,15 +113,24 @@ def load_model_payload(
 
     When a manifest beside the file lists it, the file must match the manifest's size and, with
     `verify` (the default), its checksum, or `CorruptCheckpointError` names both. The file is
-    opened once: what is checked is what is loaded.
+    opened once: what is checked is what is loaded. A sharded checkpoint folder (`.dcp`) is
+    consolidated on CPU (`load_payload`).
     """
     folder, name = split_file_location(path)
-    with folder.open(name, follow_symlinks=True) as f:
-        check_opened(f, folder, checksum=verify)
-        payload = load_opened(f, map_location=map_location, mmap=mmap)
+    if is_sharded_filename(name):
+        payload = load_payload(path, verify=verify)
+        movable = isinstance(payload, dict) and isinstance(payload.get("state_dict"), dict)
+        if movable and map_location is not None and isinstance(map_location, (str, torch.device)):
+            payload["state_dict"] = {k: v.to(map_location) for k, v in payload["state_dict"].items()}
+        location = folder.file_location(name)
+    else:
+        with folder.open(name, follow_symlinks=True) as f:
+            check_opened(f, folder, checksum=verify)
+            payload = load_opened(f, map_location=map_location, mmap=mmap)
+        location = f.location
     if not isinstance(payload, dict) or "state_dict" not in payload:
         raise ValueError(
-            f"{f.location} is not a ksuit weights file (no 'state_dict' key); pass a *_model.th file"
+            f"{location} is not a ksuit weights file (no 'state_dict' key); pass a *_model.th file"
         )
     return payload
 

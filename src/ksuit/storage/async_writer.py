@@ -31,6 +31,7 @@ import sys
 import threading
 import traceback
 import weakref
+from typing import Any
 
 from ksuit.storage.backend import Backend, Location
 from ksuit.storage.sets import OnWritten, PendingFile, SetWriter
@@ -87,6 +88,23 @@ def _close_all_at_exit() -> None:
         os._exit(EXIT_CODE_WRITE_FAILED)
 
 
+def _snapshot(payloads: list[Any], buffer: SnapshotBuffer) -> list[Any]:
+    """`take_snapshot`, with each DTensor (a sharded save's) copied as its own local shard."""
+    if not any(_has_dtensor(p) for p in payloads):
+        return take_snapshot(payloads, buffer)
+    from ksuit.storage.sharded.local import rewrap, to_local
+
+    pairs = [to_local(p) for p in payloads]
+    copies = take_snapshot([local for local, _ in pairs], buffer)
+    return [rewrap(copy, layout) for copy, (_, layout) in zip(copies, pairs, strict=True)]
+
+
+def _has_dtensor(obj: Any) -> bool:
+    from ksuit.storage.formats import iter_tensors
+
+    return any(type(t).__name__ == "DTensor" for t in iter_tensors(obj))
+
+
 class AsyncSetWriter:
     """Queues sets for a `SetWriter` running in one background thread."""
 
@@ -122,7 +140,7 @@ class AsyncSetWriter:
         try:
             # once a buffer is free, every earlier write that held it has ended: report its failure
             self.raise_pending_error()
-            payloads = dict(zip(unique, take_snapshot(list(unique.values()), buffer), strict=True))
+            payloads = dict(zip(unique, _snapshot(list(unique.values()), buffer), strict=True))
         except BaseException:
             self.pool.release(buffer)
             raise

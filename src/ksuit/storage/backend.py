@@ -8,6 +8,12 @@ path with `os` or `open`, so a checkpoint location may be a URL. What a backend 
   computed from the bytes as they go out), make each staged file durable, then `commit` the
   set with its manifests in one atomic step; `abort` leaves the previous sets untouched;
 - **write one file** atomically (`write_file`), for files that belong to no set (exports);
+- **write a folder from several processes** (sharded checkpoints, `ksuit.storage.sharded`): the
+  process that holds the set reserves a staged folder (`SetTransaction.stage_folder`), every
+  process writes its own part files into it (`Backend.write_part`, hashed and durable), and the
+  coordinator adds the folder to the set with every part's size and checksum
+  (`SetTransaction.add_folder`); the commit then switches the folder like any file. Optional:
+  a backend without it raises `NotImplementedError` and sharded saves say so;
 - **list** the folder (`entries`, `folders`), **read** small files (`read_small`), **open**
   a file for loading with range reads (`open`), **checksum** a file (`checksum`);
 - **delete** files (`delete`) or a whole committed set crash-safely (`delete_set`), make
@@ -103,6 +109,31 @@ class PendingSwitch:
     reason: str
 
 
+@dataclass(frozen=True)
+class StagedFolder:
+    """A folder of a set being written by several processes: `name` is its final name, `key`
+    where the backend stages it (the local backend: the temporary folder's name). Plain and
+    picklable, so the coordinator can send it to every rank."""
+
+    name: str
+    key: str
+
+
+def folder_digest(parts: Mapping[str, tuple[int, str]]) -> tuple[int, str]:
+    """`(total size, xxh3-64 hex digest)` of a folder from its parts' `{name: (size, checksum)}`:
+    what manifests and journals record for a folder, so one checksum covers every part, its
+    name and its size."""
+    import json
+
+    import xxhash
+
+    listing: list[tuple[str, int, str]] = [
+        (name, int(size), str(c)) for name, (size, c) in sorted(parts.items())
+    ]
+    digest = xxhash.xxh3_64(json.dumps(listing, separators=(",", ":")).encode()).hexdigest()
+    return sum(size for _, size, _ in listing), digest
+
+
 class PendingSwitchError(RuntimeError):
     """A save would write files of an earlier committed save that recovery cannot complete."""
 
@@ -158,6 +189,19 @@ class SetTransaction(ABC):
     def commit(self, manifests: Sequence[tuple[str, bytes]], sequence: int) -> None:
         """Makes every staged file and the `(name, bytes)` manifests visible as one atomic
         switch. `sequence` orders saves (larger is newer)."""
+
+    def stage_folder(self, name: str) -> StagedFolder:
+        """Reserves a new, empty staged folder for the final folder `name` (a sharded checkpoint
+        name): any process may then write parts into it with `Backend.write_part`. Never an
+        existing checkpoint folder: a folder is always written whole, then switched."""
+        raise NotImplementedError(f"{type(self).__name__} cannot stage folders (sharded checkpoints)")
+
+    def add_folder(self, staged: StagedFolder, parts: Sequence[WrittenFile]) -> WrittenFile:
+        """Adds a staged folder whose parts every process has written (and made durable) to this
+        set; `parts` are what `write_part` returned on every rank. Checks the folder holds
+        exactly those parts, makes its names durable, and returns the folder as one file: total
+        size and `folder_digest` of its parts."""
+        raise NotImplementedError(f"{type(self).__name__} cannot stage folders (sharded checkpoints)")
 
     def stage_same(self, name: str, same_as: str) -> WrittenFile | None:
         """Stages `name` with exactly the bytes of `same_as`, a file staged earlier in this save,
@@ -225,6 +269,14 @@ class Backend(ABC):
     @abstractmethod
     def write_file(self, name: str, write: WriteFn, expected_nbytes: int = 0) -> WrittenFile:
         """Writes one file atomically (whole or not at all), outside any set."""
+
+    def write_part(
+        self, staged: StagedFolder, part: str, write: WriteFn, expected_nbytes: int = 0
+    ) -> WrittenFile:
+        """Writes the part file `part` into a folder staged by a set of this backend (possibly in
+        another process), hashed while written and durable when it returns; never replaces a
+        file. Any process of a sharded save calls it for its own parts."""
+        raise NotImplementedError(f"{type(self).__name__} cannot write parts of a staged folder")
 
     @abstractmethod
     def delete(self, names: Sequence[str]) -> None:

@@ -25,8 +25,15 @@ from typing import Annotated, Literal
 import pydantic_core
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
-from ksuit.layout import ROLES, is_foreign_filename, manifest_filename, parse_checkpoint_filename
-from ksuit.storage.backend import Backend, Entry, Location
+from ksuit.layout import (
+    ROLES,
+    is_foreign_filename,
+    is_part_filename,
+    is_sharded_filename,
+    manifest_filename,
+    parse_checkpoint_filename,
+)
+from ksuit.storage.backend import Backend, Entry, Location, folder_digest
 from ksuit.storage.errors import CorruptCheckpointError, UnsafeCheckpointError
 
 CHECKSUM_ALGORITHM = "xxh3_64"
@@ -39,20 +46,26 @@ MAX_METRIC_NAME = 200
 @dataclass
 class ManifestEntry:
     """One file of a set. `role` (model, optim, trainer) is stored under the JSON key `kind`, as
-    ksuit 0.1 wrote it."""
+    ksuit 0.1 wrote it. A sharded checkpoint folder (`..._model.dcp`) also lists its `parts`
+    (`{part name: (size, checksum)}`, every rank's files); its own size and checksum are then
+    `folder_digest(parts)`."""
 
     size: int
     checksum: str
     role: str | None = None
     training_iteration: dict[str, int] | None = None
+    parts: dict[str, tuple[int, str]] | None = None
 
     def to_dict(self) -> dict[str, object]:
-        return {
+        data: dict[str, object] = {
             "size": self.size,
             "checksum": self.checksum,
             "kind": self.role,
             "training_iteration": self.training_iteration,
         }
+        if self.parts is not None:
+            data["parts"] = {name: {"size": size, "checksum": c} for name, (size, c) in self.parts.items()}
+        return data
 
 
 @dataclass
@@ -103,6 +116,7 @@ class Manifest:
                 None
                 if e.training_iteration is None
                 else {str(k): v for k, v in e.training_iteration.items()},
+                None if e.parts is None else {n: (p.size, p.checksum) for n, p in e.parts.items()},
             )
             for name, e in schema.files.items()
         }
@@ -139,12 +153,29 @@ _MetricName = Annotated[str, Field(min_length=1, max_length=MAX_METRIC_NAME)]
 _Finite = Annotated[float, Field(allow_inf_nan=False)]
 
 
+def check_part_name(name: str) -> str:
+    """A part of a sharded checkpoint folder: a plain name inside that folder, nothing else."""
+    if not is_part_filename(name):
+        raise ValueError(f"{name[:200]!r} is not a part name of a sharded checkpoint folder")
+    return name
+
+
+_Checksum = Annotated[str, Field(pattern=r"^[0-9a-f]{16}$")]
+
+
+class _PartSchema(BaseModel):
+    model_config = _STRICT
+    size: _Count
+    checksum: _Checksum
+
+
 class _EntrySchema(BaseModel):
     model_config = _STRICT
     size: _Count
-    checksum: Annotated[str, Field(pattern=r"^[0-9a-f]{16}$")]
+    checksum: _Checksum
     kind: Literal[ROLES] | None = None  # type: ignore[valid-type]  # the JSON key of `role`
     training_iteration: _Iteration | None = None
+    parts: dict[Annotated[str, AfterValidator(check_part_name)], _PartSchema] | None = None
 
 
 class _ManifestSchema(BaseModel):
@@ -222,6 +253,8 @@ def verify_file(
     if entries is None:
         entries = {e.name: e for e in backend.entries()}
     found = entries.get(name)
+    if is_sharded_filename(name):
+        return _verify_folder(backend, name, entry, checksum, found)
     if found is None:
         return "missing"
     if found.problem is not None:
@@ -238,3 +271,40 @@ def verify_file(
         if digest != entry.checksum:
             return f"checksum {digest} != {entry.checksum} in manifest"
     return None
+
+
+def _verify_folder(
+    backend: Backend, name: str, entry: ManifestEntry, checksum: bool, found: Entry | None
+) -> str | None:
+    """`verify_file` of a sharded checkpoint folder: a real folder holding exactly the parts the
+    manifest lists, each with its size (and checksum), and parts that add up to the entry."""
+    if found is not None:  # a listed entry is never a folder: a link, file, FIFO or device
+        return found.problem or "is a file, not a sharded checkpoint folder"
+    if entry.parts is None:
+        return "the manifest lists no parts for this sharded checkpoint folder"
+    if folder_digest(entry.parts) != (entry.size, entry.checksum):
+        return "its parts in the manifest do not add up to its recorded size and checksum"
+    if name not in backend.folders():
+        return "missing"
+    child = backend.child(name)
+    inside = {e.name: e for e in child.entries()}
+    problems = []
+    for sub in child.folders():
+        problems.append(f"{sub}: a folder inside a sharded checkpoint")
+    for part in sorted(set(inside) - set(entry.parts)):
+        problems.append(f"{part}: not listed in the manifest")
+    for part, (size, digest) in sorted(entry.parts.items()):
+        e = inside.get(part)
+        if e is None:
+            problems.append(f"{part}: missing")
+        elif e.problem is not None:
+            problems.append(f"{part}: {e.problem}")
+        elif e.size != size:
+            problems.append(f"{part}: size {e.size} != {size} in manifest")
+        elif checksum:
+            hashed = child.checksum(part)
+            if hashed is None:
+                problems.append(f"{part}: missing or no longer a regular file")
+            elif hashed[1] != digest:
+                problems.append(f"{part}: checksum {hashed[1]} != {digest} in manifest")
+    return "; ".join(problems[:5]) + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else "") or None

@@ -24,8 +24,8 @@ from ksuit.models.optimizer import OptimizerWrapper
 from ksuit.providers import PathProvider
 from ksuit.readers import ResumePoint
 from ksuit.retention import RetentionPolicy
-from ksuit.schemas.trainer import CheckpointFormat, Device, Precision, TrainerSettings
-from ksuit.trainers import devices, rng, state, update
+from ksuit.schemas.trainer import CheckpointFormat, Device, Precision, Strategy, TrainerSettings
+from ksuit.trainers import devices, state, update
 from ksuit.trainers.loader import TrainLoader
 from ksuit.trainers.metrics import MetricTracker
 from ksuit.trainers.rng import seed_everything
@@ -74,6 +74,7 @@ class BaseTrainer:
         clip_grad_norm: float | None = None,
         async_save: bool = False,
         checkpoint_format: CheckpointFormat = "torch",
+        strategy: Strategy = "ddp",
         progress: bool = False,
         retention: RetentionPolicy | None = None,
     ):
@@ -96,6 +97,7 @@ class BaseTrainer:
         self.clip_grad_norm = settings.clip_grad_norm
         self.async_save = settings.async_save
         self.checkpoint_format = settings.checkpoint_format
+        self.strategy = settings.strategy
         self.progress = progress
         if retention is not None and not isinstance(retention, RetentionPolicy):
             retention = RetentionPolicy.model_validate(retention)
@@ -118,6 +120,8 @@ class BaseTrainer:
         self.resumed_from: ResumePoint | None = None
         self.metric_tracker = MetricTracker()
         self._loaded_rng: dict[str, Any] | None = None
+        # resumes on another number of processes, oldest first (the trainer file's 'elastic')
+        self.elastic_events: list[dict[str, Any]] = []
         self._train_loader: TrainLoader | None = None
 
     # ---- the one method to override ---------------------------------------------------------
@@ -192,7 +196,9 @@ class BaseTrainer:
         self.batch_size = self._train_loader.batch_size
         self.updates_per_epoch = self._train_loader.updates_per_epoch
         model.to(self.device)
-        if not model.is_initialized:
+        if self.strategy == "fsdp" and devices.shard_leaves(model, self.device):
+            model.initialize()  # optimizers over the sharded parameters (built anew if they existed)
+        elif not model.is_initialized:
             model.initialize()
         self._model = model
         # the dataset of a DataLoader given as training data, as callbacks evaluate datasets
@@ -266,12 +272,13 @@ class BaseTrainer:
             self.setup(model, train_data, datasets)
             if initializer is not None:
                 initializer.apply(self)
-            self.ddp_model = devices.wrap_ddp(self.model, self.device, self.world_size)
+            if self.strategy == "ddp":
+                self.ddp_model = devices.wrap_ddp(self.model, self.device, self.world_size)
             for cb in self._ordered_callbacks():
                 cb.before_training(self)
             if self._loaded_rng is not None:
                 # the last step before the loop: nothing may draw random numbers after it
-                rng.restore_own_rank(self._loaded_rng)
+                state.restore_rng(self, self._loaded_rng)
             try:
                 self._loop()
             finally:
@@ -391,7 +398,8 @@ class BaseTrainer:
 
     def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True) -> None:
         """Restores `state_dict()`'s output into a set-up trainer (after `setup`, as initializers
-        do); refuses another world size, data layout or (with `strict`) set of callbacks."""
+        do); refuses another data layout or (with `strict`) set of callbacks. Another world size
+        is an elastic resume (`ksuit.trainers.state`)."""
         state.load_trainer_state_dict(self, state_dict, strict)
         self._loaded_rng = state_dict["rng"]  # restored again right before the first update
 

@@ -28,10 +28,11 @@ import stat
 import time
 from pathlib import Path
 
-from ksuit.layout import journal_filename, parse_manifest_filename
-from ksuit.storage.backend import RecoveryReport, WriteStream
+from ksuit.layout import is_sharded_filename, journal_filename, parse_manifest_filename
+from ksuit.storage.backend import RecoveryReport, WriteStream, folder_digest
 from ksuit.storage.errors import CorruptCheckpointError, UnsafeCheckpointError
 from ksuit.storage.local.files import fsync_dir, write_file_atomic
+from ksuit.storage.local.folders import folder_parts, is_real_folder, move_aside, remove_folder
 from ksuit.storage.local.journal import DeletedFile, DeleteRecord, Journal, encode_delete_journal
 from ksuit.storage.local.safe_files import hash_regular_file, read_regular
 from ksuit.storage.manifest import MAX_MANIFEST_BYTES, Manifest
@@ -86,15 +87,23 @@ def finish_delete(folder: Path, journal: Journal, report: RecoveryReport) -> Non
         path = folder / f.name
         if not os.path.lexists(path) or f.name in listed:
             continue
-        if hash_regular_file(path) != (f.size, f.checksum):
+        if _intact(path, f.size, f.checksum) is False:
             report.problems.append(
                 f"{path} was left: the delete recorded in {journal.name} was for another file of this "
                 "name (its size or checksum differs); no manifest lists it, so delete it if it is not yours"
             )
             continue
-        os.unlink(path)
+        _unlink(path)
         report.deleted.append(f.name)
     _drop(folder, journal)
+
+
+def _intact(path: Path, size: int, checksum: str) -> bool:
+    """Whether `path` is the file (or sharded checkpoint folder: its parts' digest) recorded."""
+    if is_sharded_filename(path.name) and is_real_folder(path):
+        parts = folder_parts(path)
+        return not isinstance(parts, str) and folder_digest(parts) == (size, checksum)
+    return hash_regular_file(path) == (size, checksum)
 
 
 def _drop(folder: Path, journal: Journal) -> None:
@@ -104,6 +113,10 @@ def _drop(folder: Path, journal: Journal) -> None:
 
 
 def _unlink(path: Path) -> None:
+    """Removes a file, or a sharded checkpoint folder (moved aside first, in one step)."""
+    if is_sharded_filename(path.name) and is_real_folder(path):
+        remove_folder(move_aside(path))  # what it cannot remove, recovery reports later
+        return
     try:
         os.unlink(path)
     except FileNotFoundError:
