@@ -14,6 +14,7 @@ from ksuit.layout import LATEST, format_info
 from ksuit.models.selection import select_leaves
 from ksuit.readers import CheckpointInfo, list_checkpoints, load_model_payload
 from ksuit.readers.listing import checkpoint_folder, read_folder
+from ksuit.storage.locations import is_url
 from ksuit.utils.training import TrainingIteration
 
 if TYPE_CHECKING:
@@ -93,7 +94,7 @@ class PreviousRunInitializer(Initializer):
         patterns_to_rename: Any = None,
         strict: bool = True,
     ):
-        self.run_dir = Path(run_dir)
+        self.run_dir = run_dir if is_url(run_dir) else Path(run_dir)
         spec = parse_checkpoint_spec(checkpoint)
         if spec is None:
             raise ValueError(

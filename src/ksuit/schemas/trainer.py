@@ -72,6 +72,10 @@ class TrainerSettings(BaseModel):
     """Write checkpoints in the background (`CheckpointWriter(async_save=...)`)."""
     checkpoint_format: CheckpointFormat = "torch"
     """File format of weights: "torch" (`.th`) or "safetensors" (`CheckpointWriter(format=...)`)."""
+    checkpoint_mirror: Annotated[str, Field(min_length=1)] | None = None
+    """An output root (e.g. `s3://bucket/runs`) to replicate every committed checkpoint set to in
+    the background (`CheckpointWriter(mirror=...)`): saves run at local speed, and `--resume`
+    takes the newest complete set from either copy, so a new machine resumes from the mirror."""
 
     @model_validator(mode="after")
     def _exactly_one_end(self) -> TrainerSettings:

@@ -15,9 +15,11 @@ path with `os` or `open`, so a checkpoint location may be a URL. What a backend 
   (`free_bytes`).
 
 How each medium keeps the crash-safety promise is the backend's own protocol, stated in its
-module docstring: `ksuit.storage.local` (stage, journal, rename) for local file systems.
-Backends are chosen from the location (`ksuit.storage.locations.open_backend`): a plain path or
-`file://` URL is local.
+module docstring: `ksuit.storage.local` (stage, journal, rename) for local file systems,
+`ksuit.storage.objectstore` (staged objects, a create-only commit record, a head swapped by
+compare-and-swap) for S3 and other fsspec file systems. Backends are chosen from the location
+(`ksuit.storage.locations.open_backend`): a plain path or `file://` URL is local, `s3://`,
+`memory://` and other fsspec URLs are object stores.
 
 Names passed to a backend are plain file names inside its folder (no separators); a backend
 refuses anything else.
@@ -84,6 +86,8 @@ class RecoveryReport:
     discarded: list[str] = field(default_factory=list)  # "<journal>: <why>"
     pending: list[PendingSwitch] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    # leftovers too young to remove: a save in flight may still be writing them (object stores)
+    kept: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -222,6 +226,12 @@ class Backend(ABC):
     @abstractmethod
     def recover(self) -> RecoveryReport:
         """Completes or discards an interrupted save; reports what it could not do."""
+
+    def repair(self, grace_seconds: float | None = None) -> RecoveryReport:
+        """Recovery that also removes leftovers younger than the backend's usual grace period:
+        only those younger than `grace_seconds` are spared (`ksuit verify --repair --grace`).
+        Where recovery spares nothing (the local backend), the same as `recover()`."""
+        return self.recover()
 
     @abstractmethod
     def free_bytes(self) -> int | None:

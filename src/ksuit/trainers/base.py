@@ -70,6 +70,7 @@ class BaseTrainer:
         clip_grad_norm: float | None = None,
         async_save: bool = False,
         checkpoint_format: CheckpointFormat = "torch",
+        checkpoint_mirror: str | None = None,
         progress: bool = False,
     ):
         # every argument named like a setting is one (tests check the signature matches them)
@@ -91,6 +92,7 @@ class BaseTrainer:
         self.clip_grad_norm = settings.clip_grad_norm
         self.async_save = settings.async_save
         self.checkpoint_format = settings.checkpoint_format
+        self.checkpoint_mirror = settings.checkpoint_mirror
         self.progress = progress
         self.callbacks = with_unique_names([*callbacks, *([ProgressBarCallback()] if progress else [])])
 
@@ -197,6 +199,7 @@ class BaseTrainer:
             self._update_counter,
             async_save=self.async_save,
             format=self.checkpoint_format,
+            mirror=self.checkpoint_mirror,
         )
         if self.precision == "float16":
             self.grad_scaler = torch.amp.GradScaler(self.device.type)

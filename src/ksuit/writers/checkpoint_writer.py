@@ -11,14 +11,24 @@ import contextlib
 import enum
 import logging
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ksuit.layout import checkpoint_filename, parse_checkpoint_filename, validate_output_name, validate_tag
 from ksuit.models.base import ModelBase, require_ksuit_model
 from ksuit.models.selection import select_leaves
 from ksuit.schemas.models import ModelBaseConfig
-from ksuit.storage import AsyncSetWriter, PendingFile, SetSink, SetWriter, WrittenFile, open_backend
+from ksuit.storage import (
+    AsyncSetWriter,
+    PendingFile,
+    SetSink,
+    SetWriter,
+    WrittenFile,
+    open_backend,
+    set_storage_options,
+)
 from ksuit.storage.formats import format_of_path, get_format
+from ksuit.storage.mirror import MirroringSetWriter, ReplicationFailure
 from ksuit.storage.snapshot import SnapshotPool
 from ksuit.utils.distributed import is_rank0
 from ksuit.writers.payload import check_state_dict, model_payload
@@ -74,6 +84,11 @@ class CheckpointWriter:
         max_pending: at most this many snapshots exist at once (async only); the next save waits.
         format: "torch" (`.th`) or "safetensors" for weights files; optimizer and trainer files
             are always `.th`.
+        mirror: an output root (e.g. `"s3://bucket/runs"`) to replicate every committed set to,
+            in the background, under the same `<run_id>[/<stage>]/checkpoints`: saves run at
+            local speed, and a run resumes from whichever copy holds the newer complete set
+            (`ResumeInitializer(..., mirror=...)`). A failed upload is retried, then logged and
+            listed in `mirror_failures`; it never fails a save or touches the local files.
     """
 
     def __init__(
@@ -84,6 +99,7 @@ class CheckpointWriter:
         async_save: bool = False,
         max_pending: int = 1,
         format: str = "torch",
+        mirror: str | Path | None = None,
     ):
         if not hasattr(path_provider, "checkpoint_path") or not hasattr(path_provider, "run_id"):
             raise TypeError(
@@ -103,6 +119,10 @@ class CheckpointWriter:
         self.async_save = bool(async_save)
         self.max_pending = max_pending
         self.format = format
+        if mirror is not None and (not isinstance(mirror, (str, Path)) or str(mirror) == ""):
+            raise TypeError(f"mirror must be an output root path or URL, got {mirror!r}")
+        self.mirror = mirror
+        self._past_failures: list[ReplicationFailure] = []
         self._sink: SetSink | None = None
         self._batch: list[PendingFile] | None = None
 
@@ -263,7 +283,10 @@ class CheckpointWriter:
         """Flushes and stops the background writer (a later save starts a new one)."""
         if self._sink is not None:
             sink, self._sink = self._sink, None
-            sink.close()
+            try:
+                sink.close()
+            finally:
+                self._past_failures += _failures_of(sink)
 
     @property
     def snapshot_pool(self) -> SnapshotPool | None:
@@ -294,6 +317,21 @@ class CheckpointWriter:
             extra,
         )
 
+    @property
+    def mirror_location(self) -> Path | str | None:
+        """The checkpoint folder of the mirror (None without one)."""
+        if self.mirror is None:
+            return None
+        from ksuit.providers import PathProvider
+
+        pp = self.path_provider
+        return PathProvider(self.mirror, pp.run_id, getattr(pp, "stage_name", None)).checkpoint_path
+
+    @property
+    def mirror_failures(self) -> list[ReplicationFailure]:
+        """Sets that could not be replicated to the mirror (each also logged as an error)."""
+        return self._past_failures + (_failures_of(self._sink) if self._sink is not None else [])
+
     def _set_sink(self) -> SetSink:
         """The set writer of the run's checkpoint folder: synchronous, or asynchronous around it
         (chosen once; a new one when the folder changed)."""
@@ -301,7 +339,15 @@ class CheckpointWriter:
         if self._sink is not None and self._sink.backend.location != str(location):
             self.close()
         if self._sink is None:
-            writer = SetWriter(open_backend(location))
+            options = getattr(self.path_provider, "storage_options", None)
+            if options:
+                set_storage_options(str(self.path_provider.output_root_path), options)
+            mirror = self.mirror_location
+            writer = (
+                SetWriter(open_backend(location))
+                if mirror is None
+                else MirroringSetWriter(open_backend(location), mirror)
+            )
             self._sink = AsyncSetWriter(writer, self.max_pending) if self.async_save else writer
         return self._sink
 
@@ -316,3 +362,8 @@ class CheckpointWriter:
     def _log_written(self, written: list[WrittenFile]) -> None:
         for w in written:
             self.logger.info("wrote %s (%s bytes, %.3fs)", w.location, w.size, w.seconds)
+
+
+def _failures_of(sink: SetSink) -> list[ReplicationFailure]:
+    writer = sink.set_writer if isinstance(sink, AsyncSetWriter) else sink
+    return list(writer.failures) if isinstance(writer, MirroringSetWriter) else []
