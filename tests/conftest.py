@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.s3_server import s3, s3_endpoint  # noqa: F401  (fixtures: a moto S3 endpoint, a bucket)
+
 from ksuit.providers import PathProvider
 from ksuit.utils.training import TrainingIteration, UpdateCounter
 from ksuit.zoo.autoencoder import AutoencoderConfig, DecoderConfig, EncoderConfig

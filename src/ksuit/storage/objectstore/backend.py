@@ -44,7 +44,7 @@ from ksuit.storage.objectstore.records import (
     commit_key,
 )
 from ksuit.storage.objectstore.retry import RetryPolicy
-from ksuit.storage.objectstore.stores import FsspecStore, Store, TooLarge
+from ksuit.storage.objectstore.stores import FsspecStore, Listed, Store, TooLarge
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ class _Process:
     def __init__(self) -> None:
         self.pid = -1
         self.token = ""
-        self.committed: set[str] = set()
+        self.committed: set[tuple[str, str]] = set()  # (folder, owner)
         self.lock = threading.Lock()
         self.folder_locks: dict[str, threading.RLock] = collections.defaultdict(threading.RLock)
 
@@ -136,10 +136,11 @@ class ObjectStoreBackend(Backend):
 
     @property
     def committed_here(self) -> bool:
-        return self.location in PROCESS.current().committed
+        """Whether this writer (this process, or the owner a test gave) committed to the folder."""
+        return (self.location, self.owner) in PROCESS.current().committed
 
     def mark_committed(self) -> None:
-        PROCESS.current().committed.add(self.location)
+        PROCESS.current().committed.add((self.location, self.owner))
 
     def folder_lock(self) -> threading.RLock:
         """The lock that serializes this process's writes to the folder."""
@@ -167,14 +168,24 @@ class ObjectStoreBackend(Backend):
             owner=self._owner,
         )
 
+    def _listing(self) -> tuple[list[Listed], list[str]]:
+        """The objects and subfolders of the folder (one listing for a whole `lock()` block)."""
+        pinned = getattr(self._pins, "listing", None)
+        if pinned is not None:
+            return pinned  # type: ignore[no-any-return]
+        listing = self.store.list_folder(self.root)
+        if getattr(self._pins, "state", None) is not None:
+            self._pins.listing = listing
+        return listing
+
     def exists_as(self) -> Literal["folder", "file", "missing"]:
-        files, folders = self.store.list_folder(self.root)
+        files, folders = self._listing()
         if files or folders:
             return "folder"
         return "file" if self.store.size(self.root) is not None else "missing"
 
     def folders(self) -> list[str]:
-        return [f for f in self.store.list_folder(self.root)[1] if not f.startswith(".")]
+        return [f for f in self._listing()[1] if not f.startswith(".")]
 
     def ensure_folder(self) -> None:
         """Object stores have no folders: a folder exists once an object is in it."""
@@ -269,7 +280,7 @@ class ObjectStoreBackend(Backend):
         view = self.view()
         found = {n: Entry(n, len(data)) for n, data in view.manifests.items()}
         found.update({n: Entry(n, ref.size) for n, ref in view.files.items() if n not in found})
-        for listed in self.store.list_folder(self.root)[0]:
+        for listed in self._listing()[0]:
             name = listed.path.rsplit("/", 1)[-1]
             if name not in found:  # a standalone object (a committed set's name takes precedence)
                 found[name] = Entry(name, listed.size)
@@ -311,7 +322,8 @@ class ObjectStoreBackend(Backend):
             return BytesFile(view.manifests[name], name, self.file_location(name))
         ref = view.files.get(name)
         if ref is not None:
-            return ObjectFile(self.store, self.path(ref.key), name, self.file_location(name), ref.size)
+            where = self.file_location(name)
+            return ObjectFile(self.store, self.path(ref.key), name, where, ref.size, immutable=True)
         size = self.store.size(self.path(name))
         if size is None:
             raise self._missing(name)
@@ -392,7 +404,7 @@ class ObjectStoreBackend(Backend):
                 yield self
             finally:
                 if outer is None:
-                    self._pins.state = None
+                    self._pins.state = self._pins.listing = None
 
     def recover(self) -> RecoveryReport:
         return self.repair(self.recovery_grace)
@@ -406,12 +418,12 @@ class ObjectStoreBackend(Backend):
         if grace < 0:
             raise ValueError(f"the grace period must be >= 0 seconds, got {grace}")
         with self.folder_lock():
-            pinned = getattr(self._pins, "state", None)
-            self._pins.state = None
+            pinned = getattr(self._pins, "state", None), getattr(self._pins, "listing", None)
+            self._pins.state = self._pins.listing = None
             try:
                 report = collect(self, grace)
             finally:
-                self._pins.state = pinned
+                self._pins.state, self._pins.listing = pinned
         self._recovered = True
         return report
 

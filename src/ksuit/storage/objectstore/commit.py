@@ -213,9 +213,9 @@ class ObjectSetTransaction(SetTransaction):
         path = self.backend.path(commit_key(record.save))
         try:
             self.backend.store.put(path, data, create_only=True)
-        except PreconditionFailed as e:
-            existing = self.backend.store.get(path, len(data) + 1).data if e.retried else None
-            if existing != data:  # not our own write whose answer was lost
+        except PreconditionFailed:
+            # a retry (ours, or the HTTP client's on a dropped connection) of a write that landed
+            if self.backend.store.get(path, len(data) + 1).data != data:
                 raise ConcurrentWriterError(
                     f"{self.backend.file_location(commit_key(record.save))} already exists: two saves drew "
                     "the same id; save again"

@@ -1,64 +1,133 @@
 """Objects opened for loading.
 
-`ObjectFile` reads small ranges straight from the store (a safetensors header, a zip
-directory) and, the first time the whole file is needed (`stream`, `checksum`, `local_path`:
-what `torch.load` and the manifest check use), downloads it once into a private temporary file
-(in `tempfile.gettempdir()`), so the bytes checked are the bytes loaded, memory stays bounded
-(a `.th` file is memory-mapped from there) and nothing is fetched twice. `close()` removes the
-temporary file; tensors mapped from it stay valid (the mapping outlives the name).
-`BytesFile` is a small file already in memory (a manifest).
+`ObjectFile` reads small ranges of a large object straight from the store (a safetensors
+header) and, the first time the whole file is needed (`stream`, `checksum`, `local_path`: what
+`torch.load` and the manifest check use; or any read of an object of at most `WHOLE_BYTES`),
+downloads it once into a private temporary file (in `tempfile.gettempdir()`), so the bytes
+checked are the bytes loaded, memory stays bounded (a `.th` file is memory-mapped from there)
+and nothing is fetched twice. Data objects of committed sets never change once written, so their
+downloads are kept in a small cache of this process (`DownloadCache`, at most
+`KSUIT_OBJECT_CACHE_BYTES` bytes, 1 GiB by default, 0 turns it off): a resume that checks a set
+and then loads it downloads each file once. `BytesFile` is a small file already in memory.
 """
 
 from __future__ import annotations
 
+import collections
 import io
 import os
 import tempfile
+import threading
 from typing import IO
 
 from ksuit.storage.backend import OpenedFile
 from ksuit.storage.local.safe_files import hash_fd
 from ksuit.storage.objectstore.stores import Store
 
+WHOLE_BYTES = 8 << 20  # objects this small are downloaded whole on their first read
+
+
+class DownloadCache:
+    """Downloaded immutable objects (by URL), least recently used dropped first."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self._files: collections.OrderedDict[str, tuple[str, int]] = collections.OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def take(self, url: str, size: int) -> int | None:
+        """An open descriptor of the cached download of `url`, or None."""
+        with self._lock:
+            found = self._files.get(url)
+            if found is None or found[1] != size:
+                return None
+            self._files.move_to_end(url)
+            try:
+                return os.open(found[0], os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            except FileNotFoundError:  # removed from the temporary folder behind our back
+                self._drop(url)
+                return None
+
+    def path(self, url: str) -> str | None:
+        with self._lock:
+            found = self._files.get(url)
+            return found[0] if found is not None else None
+
+    def keep(self, url: str, path: str, size: int) -> bool:
+        """Takes over the file at `path` (True), or leaves it to the caller when it does not fit."""
+        if size > self.max_bytes // 2:
+            return False
+        with self._lock:
+            if url in self._files:
+                return False
+            self._files[url] = (path, size)
+            self._bytes += size
+            while self._bytes > self.max_bytes:
+                self._drop(next(iter(self._files)))
+            return True
+
+    def _drop(self, url: str) -> None:
+        path, size = self._files.pop(url)
+        self._bytes -= size
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+
+CACHE = DownloadCache(int(os.environ.get("KSUIT_OBJECT_CACHE_BYTES", str(1 << 30))))
+
 
 class ObjectFile(OpenedFile):
-    """One object of a store, named `name` (its logical file name) at `location` (its URL)."""
+    """One object of a store, named `name` (its logical file name) at `location` (its URL).
+    `immutable`: the object never changes (a data object of a set), so its download may be
+    shared through the cache."""
 
-    def __init__(self, store: Store, path: str, name: str, location: str, size: int):
+    def __init__(self, store: Store, path: str, name: str, location: str, size: int, immutable: bool = False):
         self.store = store
         self.path = path
         self.name = name
         self.location = location
         self.size = size
+        self.immutable = immutable and CACHE.max_bytes > 0
+        self._url = store.url(path)
         self._local: str | None = None
+        self._owned = False  # the temporary file is ours to remove (not the cache's)
         self._fd = -1
 
     def read_at(self, offset: int, size: int) -> bytes:
-        if self._fd >= 0:
-            return os.pread(self._fd, size, offset)
-        end = min(self.size, offset + size)
-        return self.store.read_range(self.path, offset, end) if end > offset else b""
+        if self._fd < 0 and self.size > WHOLE_BYTES:
+            end = min(self.size, offset + size)
+            return self.store.read_range(self.path, offset, end) if end > offset else b""
+        return os.pread(self._materialize(), size, offset)
 
     def _materialize(self) -> int:
-        if self._fd < 0:
-            fd, local = tempfile.mkstemp(prefix="ksuit-object-", suffix=f"-{self.name[-80:]}")
-            try:
-                with os.fdopen(os.dup(fd), "wb") as out:
-                    self.store.download(self.path, out, self.size)
-                if os.fstat(fd).st_size != self.size:
-                    raise OSError(
-                        f"{self.location} changed while it was read ({os.fstat(fd).st_size} bytes instead of "
-                        f"{self.size}); load it again"
-                    )
-            except BaseException:
-                os.close(fd)
-                os.unlink(local)
-                raise
-            self._fd, self._local = fd, local
-        return self._fd
+        if self._fd >= 0:
+            return self._fd
+        if self.immutable:
+            fd = CACHE.take(self._url, self.size)
+            if fd is not None:
+                self._fd, self._local = fd, CACHE.path(self._url)
+                return fd
+        fd, local = tempfile.mkstemp(prefix="ksuit-object-", suffix=f"-{self.name[-80:]}")
+        try:
+            with os.fdopen(os.dup(fd), "wb") as out:
+                self.store.download(self.path, out, self.size)
+            if os.fstat(fd).st_size != self.size:
+                raise OSError(
+                    f"{self.location} changed while it was read ({os.fstat(fd).st_size} bytes instead of "
+                    f"{self.size}); load it again"
+                )
+        except BaseException:
+            os.close(fd)
+            os.unlink(local)
+            raise
+        self._fd, self._local, self._owned = fd, local, True
+        return fd
 
     def stream(self) -> IO[bytes]:
-        return os.fdopen(os.dup(self._materialize()), "rb")
+        return open(self.local_path(), "rb")  # its own offset, at 0
 
     def checksum(self) -> tuple[int, str]:
         return hash_fd(self._materialize())
@@ -72,12 +141,13 @@ class ObjectFile(OpenedFile):
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
-        if self._local is not None:
-            try:
-                os.unlink(self._local)
-            except FileNotFoundError:
-                pass
-            self._local = None
+        if self._local is not None and self._owned:
+            if not (self.immutable and CACHE.keep(self._url, self._local, self.size)):
+                try:
+                    os.unlink(self._local)
+                except FileNotFoundError:
+                    pass
+        self._local, self._owned = None, False
 
 
 class BytesFile(OpenedFile):

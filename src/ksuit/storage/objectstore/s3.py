@@ -381,10 +381,8 @@ class S3Store(Store):
                 MultipartUpload={"Parts": parts},
             )
         except bex.ClientError as e:
-            # completed by an earlier attempt whose answer was lost
-            if not (
-                attempts.retried and _error_code(e)[0] == "NoSuchUpload" and await self._size(path) == nbytes
-            ):
+            # completed by an earlier attempt whose answer was lost (retried by us or the HTTP client)
+            if not (_error_code(e)[0] == "NoSuchUpload" and await self._size(path) == nbytes):
                 raise
 
     # ---- listing and deleting -----------------------------------------------------------------

@@ -60,8 +60,9 @@ class Upload:
 
 
 class PreconditionFailed(Exception):
-    """A conditional write found its condition false (HTTP 412). `retried`: the request had been
-    sent before (its first answer was lost), so the write may be the caller's own."""
+    """A conditional write found its condition false (HTTP 412). The write may be the caller's
+    own, sent before and landed with its answer lost: HTTP clients retry too (`retried` only
+    says whether ksuit did), so a caller that can tell checks what is there."""
 
     def __init__(self, path: str, retried: bool = False):
         super().__init__(f"precondition failed for {path}")
