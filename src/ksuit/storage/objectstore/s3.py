@@ -32,7 +32,7 @@ from ksuit.storage.objectstore.stores import (
     TooLarge,
     Upload,
 )
-from ksuit.storage.objectstore.streams import PartBuffers, UploadStream
+from ksuit.storage.objectstore.streams import PartBuffers, PartReader, UploadStream
 
 T = TypeVar("T")
 MIB = 1 << 20
@@ -173,6 +173,9 @@ class S3Store(Store):
             kwargs = helper(method, **kwargs)
 
         async def once() -> dict[str, Any]:
+            body = kwargs.get("Body")
+            if hasattr(body, "seek"):  # a retry sends the whole part again
+                body.seek(0)
             response: dict[str, Any] = await method(**kwargs)
             if read_body:
                 async with response["Body"] as body:
@@ -345,7 +348,7 @@ class S3Store(Store):
         out.seek(base + size)
 
     def open_write(self, path: str, expected_nbytes: int) -> UploadStream:
-        return _MultipartUpload(self, path, self.part_size_for(expected_nbytes))
+        return _MultipartUpload(self, path, self.part_size_for(expected_nbytes), expected_nbytes)
 
     def part_size_for(self, expected_nbytes: int) -> int:
         """`part_size`, or larger when the file would need more than S3's 10,000 parts."""
@@ -359,9 +362,13 @@ class S3Store(Store):
 
     async def _upload_part(self, path: str, upload_id: str, number: int, data: bytearray) -> str:
         bucket, key = self._split(path)
-        response = await self._call(
-            "upload_part", path, Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=data
-        )
+        body = PartReader(data)  # read in chunks by the HTTP client: the part is never copied whole
+        try:
+            response = await self._call(
+                "upload_part", path, Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=body
+            )
+        finally:
+            body.release()
         return str(response["ETag"])
 
     async def _complete_upload(self, path: str, upload_id: str, etags: list[str], nbytes: int) -> None:
@@ -482,12 +489,13 @@ class _MultipartUpload(UploadStream):
     """Streams an object in parts: full parts upload in the background, at most `concurrency`
     parts (filled or uploading) exist at once; a file smaller than one part is one PUT."""
 
-    def __init__(self, store: S3Store, path: str, part_size: int):
+    def __init__(self, store: S3Store, path: str, part_size: int, expected_nbytes: int):
         super().__init__(store.url(path))
         self.store = store
         self.path = path
         self.part_size = part_size
-        self.buffers = PartBuffers(store.concurrency, part_size)
+        # a growing buffer briefly holds two copies of itself: parts of a large file are made whole
+        self.buffers = PartBuffers(store.concurrency, part_size, preallocate=expected_nbytes >= part_size)
         self.buffer: bytearray | None = None
         self.fill = 0
         self.upload_id: str | None = None

@@ -10,6 +10,7 @@ upload fills: at most `count` parts exist at once, so the extra memory of an upl
 
 from __future__ import annotations
 
+import io
 import threading
 from abc import ABC, abstractmethod
 
@@ -77,13 +78,15 @@ class UploadStream(ABC):
 
 class PartBuffers:
     """At most `count` part buffers of up to `size` bytes in use at once; `acquire()` waits while
-    all are in use, and hands out a recycled full-size buffer (or a new empty one to grow)."""
+    all are in use, and hands out a recycled full-size buffer, or a new one: full-size when
+    `preallocate` (a file of several parts), else empty, to grow (a small file)."""
 
-    def __init__(self, count: int, size: int):
+    def __init__(self, count: int, size: int, preallocate: bool = False):
         if count < 1 or size < 1:
             raise ValueError(f"need at least one part buffer of at least one byte, got {count} x {size}")
         self.count = count
         self.size = size
+        self.preallocate = preallocate
         self._recycled: list[bytearray] = []
         self._in_use = 0
         self._cond = threading.Condition()
@@ -93,7 +96,10 @@ class PartBuffers:
             while self._in_use >= self.count:
                 self._cond.wait()
             self._in_use += 1
-            return self._recycled.pop() if self._recycled else bytearray()
+            if self._recycled:
+                return self._recycled.pop()
+        # outside the lock: zero-filling a part takes a while
+        return bytearray(self.size) if self.preallocate else bytearray()
 
     def release(self, buffer: bytearray) -> None:
         """Gives a buffer back; a full-size one is kept for reuse, a shorter one dropped."""
@@ -102,3 +108,50 @@ class PartBuffers:
             if len(buffer) == self.size and len(self._recycled) < self.count:
                 self._recycled.append(buffer)
             self._cond.notify()
+
+
+class PartReader(io.RawIOBase):
+    """A part buffer as a seekable file, so the HTTP client reads it in small chunks instead of
+    copying it whole (a `bytearray` body is copied twice on its way to the socket)."""
+
+    def __init__(self, buffer: bytearray):
+        super().__init__()
+        self._view = memoryview(buffer)
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._view)}[whence]
+        self._pos = max(0, min(len(self._view), base + offset))
+        return self._pos
+
+    def readinto(self, buffer: Buffer) -> int:
+        out = memoryview(buffer).cast("B")
+        n = min(out.nbytes, len(self._view) - self._pos)
+        out[:n] = self._view[self._pos : self._pos + n]
+        self._pos += n
+        return n
+
+    def read(self, size: int | None = -1) -> bytes:
+        end = len(self._view) if size is None or size < 0 else min(len(self._view), self._pos + size)
+        data = bytes(self._view[self._pos : end])
+        self._pos = end
+        return data
+
+    def __len__(self) -> int:
+        return len(self._view)
+
+    def close(self) -> None:  # the HTTP client may close it: the buffer stays for a retry
+        pass
+
+    def release(self) -> None:
+        """Lets go of the buffer (which its pool may then resize and reuse)."""
+        self._view.release()
