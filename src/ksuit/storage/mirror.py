@@ -212,7 +212,11 @@ class MirroringSetWriter(SetWriter):
     """A `SetWriter` of the local folder whose committed sets are replicated to `mirror`."""
 
     def __init__(
-        self, folder: Backend | Location, mirror: Backend | Location, attempts: int = 3, first_delay: float = 1.0
+        self,
+        folder: Backend | Location,
+        mirror: Backend | Location,
+        attempts: int = 3,
+        first_delay: float = 1.0,
     ):
         super().__init__(folder)
         self.replicator = Replicator(self.backend, open_backend(mirror), attempts, first_delay)

@@ -9,8 +9,6 @@ import threading
 
 import pytest
 import torch
-from tests.conftest import FakeTrainer, autoencoder_config, train_one_step
-from tests.s3_server import FaultProxy, Rule, proxied_options
 
 from ksuit.initializers import ResumeInitializer
 from ksuit.providers import PathProvider
@@ -21,6 +19,8 @@ from ksuit.storage.objectstore import ObjectStoreBackend
 from ksuit.utils.training import TrainingIteration, UpdateCounter
 from ksuit.writers import CheckpointWriter
 from ksuit.zoo.autoencoder import Autoencoder
+from tests.conftest import FakeTrainer, autoencoder_config, train_one_step
+from tests.s3_server import FaultProxy, Rule, proxied_options
 
 ITERATION = {"epoch": 0, "update": 1, "sample": 4}
 
