@@ -53,8 +53,7 @@ def parse_storage_options(values: list[str]) -> dict[str, Any]:
 def apply_storage_options(values: list[str] | None) -> None:
     """Registers the options for every URL this command opens."""
     values = list(values or [])
-    if values:
-        set_storage_options("", parse_storage_options(values))
+    set_storage_options("", parse_storage_options(values) if values else None)
     _given[:] = values
 
 

@@ -171,9 +171,13 @@ class ObjectSetTransaction(SetTransaction):
         self._put_record(record)
         self.backend.remember(record)
         self.in_doubt = True
-        _, _, expired = swap_head(
-            self.backend, self.begin, functools.partial(self._apply, record), self.save, self._check
-        )
+        change = functools.partial(self._apply, record)
+        try:
+            _, _, expired = swap_head(self.backend, self.begin, change, self.save, self._check)
+        except ConcurrentWriterError:
+            # refused after re-reading a head that does not name this save: it never will
+            self.in_doubt = False
+            raise
         self.committed = True
         self.in_doubt = False
         self.backend.mark_committed()
