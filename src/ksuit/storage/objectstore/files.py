@@ -32,43 +32,38 @@ class DownloadCache:
 
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
-        self._files: collections.OrderedDict[str, tuple[str, int]] = collections.OrderedDict()
+        self._files: collections.OrderedDict[str, tuple[str, int, str | None]] = collections.OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
 
-    def take(self, url: str, size: int) -> int | None:
-        """An open descriptor of the cached download of `url`, or None."""
+    def take(self, url: str, size: int) -> tuple[int, str, str | None] | None:
+        """`(open descriptor, path, digest or None)` of the cached download of `url`, or None."""
         with self._lock:
             found = self._files.get(url)
             if found is None or found[1] != size:
                 return None
             self._files.move_to_end(url)
             try:
-                return os.open(found[0], os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+                return os.open(found[0], os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)), found[0], found[2]
             except FileNotFoundError:  # removed from the temporary folder behind our back
                 self._drop(url)
                 return None
 
-    def path(self, url: str) -> str | None:
-        with self._lock:
-            found = self._files.get(url)
-            return found[0] if found is not None else None
-
-    def keep(self, url: str, path: str, size: int) -> bool:
+    def keep(self, url: str, path: str, size: int, digest: str | None) -> bool:
         """Takes over the file at `path` (True), or leaves it to the caller when it does not fit."""
         if size > self.max_bytes // 2:
             return False
         with self._lock:
             if url in self._files:
                 return False
-            self._files[url] = (path, size)
+            self._files[url] = (path, size, digest)
             self._bytes += size
             while self._bytes > self.max_bytes:
                 self._drop(next(iter(self._files)))
             return True
 
     def _drop(self, url: str) -> None:
-        path, size = self._files.pop(url)
+        path, size, _ = self._files.pop(url)
         self._bytes -= size
         try:
             os.unlink(path)
@@ -95,6 +90,7 @@ class ObjectFile(OpenedFile):
         self._local: str | None = None
         self._owned = False  # the temporary file is ours to remove (not the cache's)
         self._fd = -1
+        self._digest: str | None = None  # of the downloaded bytes, when hashed on the way
 
     def read_at(self, offset: int, size: int) -> bytes:
         if self._fd < 0 and self.size > WHOLE_BYTES:
@@ -106,14 +102,14 @@ class ObjectFile(OpenedFile):
         if self._fd >= 0:
             return self._fd
         if self.immutable:
-            fd = CACHE.take(self._url, self.size)
-            if fd is not None:
-                self._fd, self._local = fd, CACHE.path(self._url)
-                return fd
+            cached = CACHE.take(self._url, self.size)
+            if cached is not None:
+                self._fd, self._local, self._digest = cached
+                return self._fd
         fd, local = tempfile.mkstemp(prefix="ksuit-object-", suffix=f"-{self.name[-80:]}")
         try:
             with os.fdopen(os.dup(fd), "wb") as out:
-                self.store.download(self.path, out, self.size)
+                digest = self.store.download(self.path, out, self.size)
             if os.fstat(fd).st_size != self.size:
                 raise OSError(
                     f"{self.location} changed while it was read ({os.fstat(fd).st_size} bytes instead of "
@@ -123,14 +119,15 @@ class ObjectFile(OpenedFile):
             os.close(fd)
             os.unlink(local)
             raise
-        self._fd, self._local, self._owned = fd, local, True
+        self._fd, self._local, self._owned, self._digest = fd, local, True, digest
         return fd
 
     def stream(self) -> IO[bytes]:
         return open(self.local_path(), "rb")  # its own offset, at 0
 
     def checksum(self) -> tuple[int, str]:
-        return hash_fd(self._materialize())
+        fd = self._materialize()
+        return (self.size, self._digest) if self._digest is not None else hash_fd(fd)
 
     def local_path(self) -> str:
         self._materialize()
@@ -142,7 +139,7 @@ class ObjectFile(OpenedFile):
             os.close(self._fd)
             self._fd = -1
         if self._local is not None and self._owned:
-            if not (self.immutable and CACHE.keep(self._url, self._local, self.size)):
+            if not (self.immutable and CACHE.keep(self._url, self._local, self.size, self._digest)):
                 try:
                     os.unlink(self._local)
                 except FileNotFoundError:

@@ -21,6 +21,8 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import IO, Any, TypeVar
 
+import xxhash
+
 from ksuit.storage.errors import StoreAccessError
 from ksuit.storage.objectstore.retry import Attempts, RetryPolicy, describe, with_retries
 from ksuit.storage.objectstore.stores import (
@@ -38,6 +40,8 @@ T = TypeVar("T")
 MIB = 1 << 20
 MIN_PART_SIZE = 5 * MIB  # S3's smallest part (but the last)
 MAX_PARTS = 10_000
+DOWNLOAD_RANGE = 64 * MIB  # larger objects download in ranges of this size, in parallel
+DOWNLOAD_PIECE = 1 * MIB
 TRANSIENT_CODES = {
     "SlowDown",
     "Throttling",
@@ -173,9 +177,9 @@ class S3Store(Store):
             kwargs = helper(method, **kwargs)
 
         async def once() -> dict[str, Any]:
-            body = kwargs.get("Body")
-            if hasattr(body, "seek"):  # a retry sends the whole part again
-                body.seek(0)
+            seek = getattr(kwargs.get("Body"), "seek", None)
+            if callable(seek):  # a retry sends the whole part again
+                seek(0)
             response: dict[str, Any] = await method(**kwargs)
             if read_body:
                 async with response["Body"] as body:
@@ -329,23 +333,53 @@ class S3Store(Store):
         data: bytes = response["Data"]
         return data
 
-    def download(self, path: str, out: IO[bytes], size: int) -> None:
-        self._sync(self._download, path, out, size)
+    def download(self, path: str, out: IO[bytes], size: int) -> str | None:
+        return self._sync(self._download, path, out, size)
 
-    async def _download(self, path: str, out: IO[bytes], size: int) -> None:
+    async def _download(self, path: str, out: IO[bytes], size: int) -> str | None:
+        """One streamed GET for an object of up to `DOWNLOAD_RANGE` bytes, else ranges of that
+        size, `concurrency` at a time; either way the bytes go to the file in pieces of
+        `DOWNLOAD_PIECE` (memory stays at `concurrency` pieces)."""
         fd, base = out.fileno(), out.tell()
-        chunk = self.part_size
         limit = asyncio.Semaphore(self.concurrency)
 
-        async def one(start: int) -> None:
+        async def one(start: int, end: int) -> str:
             async with limit:
-                data = await self._read_range(path, start, min(size, start + chunk))
-                if len(data) != min(size, start + chunk) - start:
-                    raise OSError(errno.EIO, f"{self.url(path)} is shorter than its listed {size} bytes")
-                os.pwrite(fd, data, base + start)
+                return await with_retries(
+                    functools.partial(self._stream_range, path, fd, base, start, end, size),
+                    self.policy,
+                    is_transient,
+                    f"get_object {self.url(path)} bytes {start}-{end - 1}",
+                )
 
-        await asyncio.gather(*(one(s) for s in range(0, size, chunk)))
+        starts = range(0, size, DOWNLOAD_RANGE)
+        digests = await asyncio.gather(*(one(s, min(size, s + DOWNLOAD_RANGE)) for s in starts))
         out.seek(base + size)
+        return digests[0] if len(digests) == 1 else None  # one range: hashed in file order
+
+    async def _stream_range(self, path: str, fd: int, base: int, start: int, end: int, size: int) -> str:
+        """Writes bytes `[start, end)` of the object at their place in `fd`; returns their xxh3-64."""
+        bucket, key = self._split(path)
+        ranged = {"Range": f"bytes={start}-{end - 1}"} if (start, end) != (0, size) else {}
+        client = await self.fs.set_session()
+        try:
+            response = await client.get_object(Bucket=bucket, Key=key, **ranged)
+        except Exception as e:
+            if is_transient(e):
+                raise
+            raise self._permanent(e, "get_object", path) from e
+        offset = start
+        digest = xxhash.xxh3_64()
+        async with response["Body"] as body:
+            while chunk := await body.read(DOWNLOAD_PIECE):
+                if offset + len(chunk) > end:
+                    raise OSError(errno.EIO, f"{self.url(path)} is longer than its listed {size} bytes")
+                os.pwrite(fd, chunk, base + offset)
+                digest.update(chunk)
+                offset += len(chunk)
+        if offset != end:
+            raise OSError(errno.EIO, f"{self.url(path)} is shorter than its listed {size} bytes")
+        return digest.hexdigest()
 
     def open_write(self, path: str, expected_nbytes: int) -> UploadStream:
         return _MultipartUpload(self, path, self.part_size_for(expected_nbytes), expected_nbytes)

@@ -111,8 +111,9 @@ class Store(ABC):
         """Bytes `[start, end)` of an object (fewer at its end)."""
 
     @abstractmethod
-    def download(self, path: str, out: IO[bytes], size: int) -> None:
-        """Writes the whole object (of `size` bytes) into the file `out`, from its position."""
+    def download(self, path: str, out: IO[bytes], size: int) -> str | None:
+        """Writes the whole object (of `size` bytes) into the file `out`, from its position;
+        returns the xxh3-64 hex digest of the bytes when it could hash them on the way."""
 
     @abstractmethod
     def open_write(self, path: str, expected_nbytes: int) -> UploadStream:
@@ -200,10 +201,13 @@ class FsspecStore(Store):
     def read_range(self, path: str, start: int, end: int) -> bytes:
         return bytes(self.fs.cat_file(path, start=start, end=end))
 
-    def download(self, path: str, out: IO[bytes], size: int) -> None:
+    def download(self, path: str, out: IO[bytes], size: int) -> str | None:
+        digest = xxhash.xxh3_64()
         with self.fs.open(path, "rb") as f:
             while chunk := f.read(16 << 20):
                 out.write(chunk)
+                digest.update(chunk)
+        return digest.hexdigest()
 
     def open_write(self, path: str, expected_nbytes: int) -> UploadStream:
         return _FileUpload(self, path)
