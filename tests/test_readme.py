@@ -25,3 +25,5 @@ def test_readme_python_blocks_run(tmp_path):
     assert "autoencoder.encoder E10_U200_S6400 model" in outputs[0]
     expected = "Encoder {'epoch': 30, 'update': 600, 'sample': 19200} ksuit.zoo.autoencoder.EncoderConfig"
     assert expected in outputs[0]
+    remote = [out for block, out in zip(blocks, outputs, strict=True) if "memory://" in block]
+    assert remote and "autoencoder.encoder_cp=latest_model.th" in remote[0]
