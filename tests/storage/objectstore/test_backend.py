@@ -303,3 +303,20 @@ def test_s3_without_s3fs_says_what_to_install(tmp_path):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert "pip install 'ksuit[s3]'" in out.stdout, out.stdout + out.stderr
+
+
+def test_an_oversized_head_is_refused_naming_it(root):
+    backend = open_backend(f"{root}/run/checkpoints")
+    SetWriter(backend).write([pending(1.0)], run_id="run")
+    import ksuit.storage.objectstore.backend as objectstore_backend
+
+    limit = objectstore_backend.MAX_RECORD_BYTES
+    objectstore_backend.MAX_RECORD_BYTES = 10
+    objectstore_backend._HEADS.clear()  # a head read before was checked then: this process reads it anew
+    try:
+        with pytest.raises(
+            UnsafeCheckpointError, match=r"HEAD\.json: it is .* more than the 10 bytes a head"
+        ):
+            open_backend(f"{root}/run/checkpoints").entries()
+    finally:
+        objectstore_backend.MAX_RECORD_BYTES = limit

@@ -198,9 +198,12 @@ class ObjectStoreBackend(Backend):
             return pinned  # type: ignore[no-any-return]
         with _CACHE_LOCK:
             cached = _HEADS.get(self.location)
-        fetched = self.store.get(
-            self.path(HEAD_KEY), MAX_RECORD_BYTES, if_none_match=cached[1] if cached else None
-        )
+        try:
+            fetched = self.store.get(
+                self.path(HEAD_KEY), MAX_RECORD_BYTES, if_none_match=cached[1] if cached else None
+            )
+        except TooLarge as e:
+            raise self._too_large(HEAD_KEY, e.size, MAX_RECORD_BYTES, "head") from None
         if fetched.not_modified and cached is not None:
             return HeadState(cached[0], cached[1], fetched.server_time)
         if fetched.data is None:
@@ -232,7 +235,11 @@ class ObjectStoreBackend(Backend):
                     found[save] = record
         missing = sorted(saves - set(found))
         if missing:
-            fetched = self.store.get_many([self.path(commit_key(s)) for s in missing], MAX_RECORD_BYTES)
+            try:
+                fetched = self.store.get_many([self.path(commit_key(s)) for s in missing], MAX_RECORD_BYTES)
+            except TooLarge as e:
+                where = e.path[len(self.path("")) :]
+                raise self._too_large(where, e.size, MAX_RECORD_BYTES, "commit record") from None
             for save in missing:
                 raw = fetched[self.path(commit_key(save))]
                 source = self._record_url(save)
