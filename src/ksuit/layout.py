@@ -3,7 +3,12 @@
     <name>[_<info>]_cp=<tag>_<role>.<ext>      a checkpoint file (role: model | optim | trainer)
     <name>[_<info>]_cp=<tag>.manifest.json     the manifest of one set (see ksuit.storage)
     .<final name>.<token>.tmp                  a file being written (token: 8 hex digits)
-    .ksuit-journal.<seq>.json                  a set switch in progress (seq: its commit sequence)
+    .ksuit-journal.<seq>.json                  a set switch or set delete in progress (seq: its sequence)
+    ksuit-pins.json                            the tags `ksuit pin` protects from retention
+    <any plain name>.ckpt                      another framework's checkpoint that ksuit writes in
+                                               a set of its own (Lightning's), a "foreign" file
+    ksuit.manifest.json                        a folder manifest: the files of a folder another
+                                               framework wrote (a Hugging Face checkpoint-<n>)
 
 `<name>` is a model name (`autoencoder.encoder` for a submodel), `<info>` optional
 `key=value` parts such as `ema=0.999`, `<tag>` a progress tag (`E10_U200_S800`), `latest`,
@@ -24,8 +29,12 @@ EXTENSIONS = {"torch": "th", "safetensors": "safetensors"}
 LATEST = "latest"
 LAST = "last"
 MANIFEST_SUFFIX = ".manifest.json"
+# checkpoint files of other frameworks that ksuit writes under its own manifests (Lightning's .ckpt)
+FOREIGN_EXTENSIONS = (".ckpt",)
+FOLDER_MANIFEST = "ksuit.manifest.json"
 TEMP_SUFFIX = ".tmp"
 JOURNAL_PREFIX = ".ksuit-journal."
+PINS_FILENAME = "ksuit-pins.json"  # not a checkpoint: no `_cp=`, never `.th` or `.manifest.json`
 
 # one `_<key>=<value>` part of `<info>`; a value never holds '_', so parts split on it
 _INFO_KEY = r"[A-Za-z][A-Za-z0-9.\-]*"
@@ -250,10 +259,22 @@ def temp_final_name(filename: str) -> str | None:
     return final if is_plain_filename(final) or is_journal_filename(final) else None
 
 
+def is_foreign_filename(filename: object) -> bool:
+    """Another framework's checkpoint file that ksuit writes in a set of its own: a plain name
+    ending in one of `FOREIGN_EXTENSIONS` (Lightning's `epoch=3-step=40.ckpt`, `last.ckpt`)."""
+    return (
+        is_plain_filename(filename)
+        and isinstance(filename, str)
+        and filename.endswith(FOREIGN_EXTENSIONS)
+        and len(filename) > max(len(e) for e in FOREIGN_EXTENSIONS)
+    )
+
+
 def is_ksuit_filename(filename: str) -> bool:
     """A final name ksuit writes into a checkpoint folder: a checkpoint file, a manifest, a
-    journal, or a plain name in one of ksuit's formats (`.th`, `.safetensors`)."""
-    if is_journal_filename(filename):
+    journal, the pins file, a plain name in one of ksuit's formats (`.th`, `.safetensors`), a
+    foreign checkpoint file ksuit writes (`.ckpt`) or a folder manifest."""
+    if is_journal_filename(filename) or filename == PINS_FILENAME:
         return True
     if not is_plain_filename(filename):
         return False
@@ -261,6 +282,8 @@ def is_ksuit_filename(filename: str) -> bool:
         parse_checkpoint_filename(filename) is not None
         or parse_manifest_filename(filename) is not None
         or filename.endswith(FORMAT_EXTENSIONS)
+        or is_foreign_filename(filename)
+        or filename == FOLDER_MANIFEST
     )
 
 

@@ -11,7 +11,7 @@ from ksuit.schemas.run import ConfigError, TrainerConfig, load_run_config
 from ksuit.trainers import BaseTrainer, TrainerSettings
 
 TINY = Path(__file__).parents[1] / "e2e" / "tiny_autoencoder.yaml"
-NOT_SETTINGS = {"self", "path_provider", "callbacks", "progress"}
+NOT_SETTINGS = {"self", "path_provider", "callbacks", "progress", "retention"}
 
 
 def test_the_signature_and_the_config_have_exactly_the_settings():

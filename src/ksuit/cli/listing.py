@@ -10,16 +10,21 @@ metadata values cut to `MAX_VALUE_CHARS`.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Annotated, Any
 
 import typer
 from rich.markup import escape
 from rich.table import Table
 
+from ksuit.cli.folders import print_folders
 from ksuit.cli.output import console, exit_on_errors, fail, first_line, printable
+from ksuit.layout import PINS_FILENAME
 from ksuit.readers import CheckpointSet, scan_sets
-from ksuit.readers.listing import checkpoint_folder, listed_checkpoints, read_folder
+from ksuit.readers.folders import checkpoint_folders
+from ksuit.readers.listing import FolderListing, checkpoint_folder, listed_checkpoints, read_folder
+from ksuit.readers.sets import sets_of
+from ksuit.retention import read_pins
 from ksuit.storage import (
     Backend,
     CorruptCheckpointError,
@@ -34,12 +39,32 @@ from ksuit.utils.units import human_bytes
 RunDir = Annotated[str, typer.Argument(help="run folder (<output_root>/<run_id>), a path or URL")]
 
 
-def ls_command(run_dir: RunDir) -> None:
-    """List every checkpoint file of a run: model, tag, role, iteration and size."""
+def ls_command(
+    run_dir: RunDir,
+    sizes: Annotated[
+        bool,
+        typer.Option("--sizes", help="also the bytes each set really holds (hard links once) and the total"),
+    ] = False,
+) -> None:
+    """List every checkpoint file of a run: model, tag, role, iteration and size; pinned tags.
+
+    Sizes count a file with several names (hard links: identical files of one save) once. A
+    folder of checkpoint folders ksuit marked complete (a Hugging Face output folder) is listed
+    folder by folder.
+    """
+    with exit_on_errors():
+        folders = checkpoint_folders(run_dir)
+    if folders is not None:
+        return print_folders(run_dir, folders, verified=False)
     with exit_on_errors():
         listing = read_folder(checkpoint_folder(run_dir))
     infos = listed_checkpoints(listing)
     problems = {**listing.unreadable, **listing.irregular}
+    try:
+        pinned = read_pins(listing.folder)
+    except CorruptCheckpointError as e:
+        pinned = set()
+        problems[PINS_FILENAME] = first_line(e)
     table = Table(title=escape(printable(listing.folder.location)))
     for column in ("model", "tag", "role", "iteration", "format"):
         table.add_column(column)
@@ -52,13 +77,65 @@ def ls_command(run_dir: RunDir) -> None:
         table.add_row(*(escape(printable(c)) for c in cells), human_bytes(info.size_bytes))
     out = console()
     out.print(table)
-    total = sum(i.size_bytes for i in infos)
-    out.print(f"{len(infos)} files, total {human_bytes(total)} ({total} bytes)")
+    total = _bytes_once(listing, (i.name for i in infos))
+    out.print(f"{len(infos)} files, total {human_bytes(total)} ({total} bytes; hard links counted once)")
+    if pinned:
+        out.print(f"pinned: {', '.join(printable(t) for t in sorted(pinned))}", markup=False)
+    if sizes:
+        _print_set_sizes(listing, pinned)
     for name, problem in sorted(problems.items()):
         out.print(f"problem: {printable(name)}: {printable(problem)}", markup=False)
     if problems:
         out.print(f"{len(problems)} problems; `ksuit verify` checks every set", markup=False)
         raise typer.Exit(1)
+
+
+def _bytes_once(listing: FolderListing, names: Iterable[str]) -> int:
+    """Bytes `names` hold, a file with several of the names (hard links) once."""
+    held: dict[str, int] = {}
+    for name in names:
+        entry = listing.entries.get(name)
+        if entry is not None and entry.problem is None:
+            held[entry.file_id or name] = entry.size
+    return sum(held.values())
+
+
+def _print_set_sizes(listing: FolderListing, pinned: set[str]) -> None:
+    """One row per set: the bytes its files and manifest hold, how many of them it shares with
+    other names of the folder (hard links), and the folder's total."""
+    table = Table(title="sets (bytes on disk)")
+    for column in ("group", "tag", "iteration", "files"):
+        table.add_column(column)
+    table.add_column("bytes", justify="right")
+    table.add_column("shared", justify="right")
+    table.add_column("pinned")
+    names_of_id: dict[str, set[str]] = {}
+    for name, entry in listing.entries.items():
+        if entry.problem is None:
+            names_of_id.setdefault(entry.file_id or name, set()).add(name)
+    for s in sets_of(listing):
+        names = set(s.manifest.files if s.manifest is not None else s.files)
+        if s.manifest is not None:
+            names.add(s.manifest.filename)
+        names &= set(listing.entries)
+        held = _bytes_once(listing, names)
+        shared = _bytes_once(
+            listing, (n for n in names if names_of_id.get(listing.entries[n].file_id or n, {n}) - names)
+        )
+        it = s.training_iteration
+        table.add_row(
+            escape(printable(s.group)),
+            escape(printable(s.tag)),
+            str(it) if it is not None else "?",
+            str(len(names)),
+            human_bytes(held),
+            human_bytes(shared) if shared else "",
+            "yes" if s.tag in pinned else "",
+        )
+    out = console()
+    out.print(table)
+    total = _bytes_once(listing, listing.entries)
+    out.print(f"folder total: {human_bytes(total)} ({total} bytes on disk; hard links counted once)")
 
 
 def _tensor_rows(
@@ -172,8 +249,13 @@ def verify_command(
 
     Interrupted saves are first completed or discarded (recovery); a save in flight in a
     training process finishes first, and the next one waits until verify is done. Exit code 1
-    when any set is incomplete or any file is corrupt or unsafe, 0 otherwise.
+    when any set is incomplete or any file is corrupt or unsafe, 0 otherwise. Checkpoint folders
+    ksuit marked complete (a Hugging Face output folder) are checked against their manifests.
     """
+    with exit_on_errors():
+        folders = checkpoint_folders(run_dir, checksum=True)
+    if folders is not None:
+        return print_folders(run_dir, folders, verified=True)
     with exit_on_errors():
         folder = checkpoint_folder(run_dir)
         # a save in flight (another process) finishes first, and none starts while we read
@@ -195,6 +277,8 @@ def verify_command(
             "(`ksuit verify --repair` removes them when no save is running)",
             markup=False,
         )
+    if report.deleted:
+        out.print(f"recovery: finished an interrupted set delete ({len(report.deleted)} files removed)")
     for problem in report.problems:  # e.g. a read-only copy: reported, the sets are still checked
         out.print(f"recovery: {printable(problem)}", markup=False, soft_wrap=True)
     table = Table(title=escape(printable(folder.location)))

@@ -11,17 +11,26 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ksuit.layout import CheckpointName, parse_checkpoint_filename, parse_manifest_filename
+from ksuit.layout import (
+    CheckpointName,
+    is_foreign_filename,
+    parse_checkpoint_filename,
+    parse_manifest_filename,
+)
 from ksuit.storage import Backend, Entry, Location, open_backend
 from ksuit.storage.errors import CorruptCheckpointError, UnsafeCheckpointError
 from ksuit.storage.manifest import Manifest, read_manifest
 from ksuit.utils.training import TrainingIteration
 
+# the role of another framework's checkpoint file (Lightning's `.ckpt`): the whole training state
+FOREIGN_ROLE = "checkpoint"
+
 
 @dataclass(frozen=True)
 class CheckpointInfo:
     """One checkpoint file of a run. `path` is a `Path` for local runs and the URL otherwise;
-    `ksuit.load_model` and `ksuit.load_file` take either."""
+    `ksuit.load_model` and `ksuit.load_file` take either. `role` is `model`, `optim`, `trainer`,
+    or `checkpoint` for another framework's file in a set of ksuit's (Lightning's `.ckpt`)."""
 
     model_name: str
     tag: str
@@ -87,7 +96,7 @@ def _checkpoint_folder(run: Backend) -> Backend:
     if "checkpoints" in folders:
         return run.child("checkpoints")
     if where.rstrip("/").rsplit("/", 1)[-1] == "checkpoints" or any(
-        parse_checkpoint_filename(e.name) for e in run.entries()
+        parse_checkpoint_filename(e.name) or parse_manifest_filename(e.name) for e in run.entries()
     ):
         return run
     stages = [name for name in folders if _has_checkpoints(run, name)]
@@ -197,6 +206,8 @@ def listed_checkpoints(listing: FolderListing) -> list[CheckpointInfo]:
             )
         )
 
+    result += _foreign_checkpoints(listing)
+
     def order(c: CheckpointInfo) -> tuple[object, ...]:
         it = c.training_iteration
         return (
@@ -209,6 +220,30 @@ def listed_checkpoints(listing: FolderListing) -> list[CheckpointInfo]:
         )
 
     return sorted(result, key=order)
+
+
+def _foreign_checkpoints(listing: FolderListing) -> list[CheckpointInfo]:
+    """Other frameworks' checkpoint files (Lightning's `.ckpt`) that a readable manifest lists:
+    the set's group and tag name them, their role is `FOREIGN_ROLE`."""
+    result = []
+    for manifest_name, manifest in listing.manifests.items():
+        group, tag = parse_manifest_filename(manifest_name) or (manifest.group, manifest.tag)
+        for name, listed in manifest.files.items():
+            entry = listing.entries.get(name)
+            if not is_foreign_filename(name) or entry is None or entry.problem is not None:
+                continue
+            iteration = listed.training_iteration
+            result.append(
+                CheckpointInfo(
+                    model_name=group,
+                    tag=tag,
+                    role=FOREIGN_ROLE,
+                    path=listing.folder.file_ref(name),
+                    size_bytes=entry.size,
+                    training_iteration=TrainingIteration.from_dict(iteration) if iteration else None,
+                )
+            )
+    return result
 
 
 def irregular_entries(run_dir: Location | Backend) -> dict[str, str]:

@@ -20,6 +20,12 @@ from ksuit.storage.errors import (
     StoreUnavailableError,
     UnsafeCheckpointError,
 )
+from ksuit.storage.folder_manifest import (
+    FolderManifest,
+    folder_problems,
+    read_folder_manifest,
+    write_folder_manifest,
+)
 from ksuit.storage.formats import FORMATS, get_format
 from ksuit.storage.loading import load_file, load_opened, read_metadata
 from ksuit.storage.local import LocalBackend
@@ -31,7 +37,7 @@ from ksuit.storage.locations import (
     split_file_location,
 )
 from ksuit.storage.manifest import Manifest, ManifestEntry, read_manifest, verify_file
-from ksuit.storage.sets import PendingFile, SetSink, SetWriter
+from ksuit.storage.sets import PendingFile, SaveHooks, SetSink, SetWriter
 
 __all__ = [
     "FORMATS",
@@ -40,6 +46,7 @@ __all__ = [
     "ConcurrentWriterError",
     "CorruptCheckpointError",
     "Entry",
+    "FolderManifest",
     "LocalBackend",
     "Location",
     "Manifest",
@@ -47,6 +54,7 @@ __all__ = [
     "OpenedFile",
     "PendingFile",
     "RecoveryReport",
+    "SaveHooks",
     "SetSink",
     "SetTransaction",
     "SetWriter",
@@ -55,14 +63,17 @@ __all__ = [
     "UnsafeCheckpointError",
     "WrittenFile",
     "get_format",
+    "folder_problems",
     "join_location",
     "load_file",
     "load_opened",
     "open_backend",
+    "read_folder_manifest",
     "read_manifest",
     "read_metadata",
     "recover_folder",
     "set_storage_options",
     "split_file_location",
     "verify_file",
+    "write_folder_manifest",
 ]

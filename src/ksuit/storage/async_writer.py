@@ -116,14 +116,17 @@ class AsyncSetWriter:
             raise RuntimeError("this checkpoint writer is closed; create a new one to save again")
         self.raise_pending_error()
         buffer = self.pool.acquire()
+        # a payload two files share (one object) is copied once and stays one object, so the
+        # set writer still writes its bytes once
+        unique = {id(f.payload): f.payload for f in files}
         try:
             # once a buffer is free, every earlier write that held it has ended: report its failure
             self.raise_pending_error()
-            payloads = take_snapshot([f.payload for f in files], buffer)
+            payloads = dict(zip(unique, take_snapshot(list(unique.values()), buffer), strict=True))
         except BaseException:
             self.pool.release(buffer)
             raise
-        snap_files = [f.with_payload(p) for f, p in zip(files, payloads, strict=True)]
+        snap_files = [f.with_payload(payloads[id(f.payload)]) for f in files]
         self._queue.put((snap_files, run_id, on_written, buffer))
 
     def _run(self) -> None:

@@ -10,9 +10,10 @@ path with `os` or `open`, so a checkpoint location may be a URL. What a backend 
 - **write one file** atomically (`write_file`), for files that belong to no set (exports);
 - **list** the folder (`entries`, `folders`), **read** small files (`read_small`), **open**
   a file for loading with range reads (`open`), **checksum** a file (`checksum`);
-- **delete** files (`delete`), **lock** the folder against concurrent switches (`lock`),
-  **recover** from an interrupted save (`recover`), and say how much room is left
-  (`free_bytes`).
+- **delete** files (`delete`) or a whole committed set crash-safely (`delete_set`), make
+  files others wrote **durable** (`make_durable`, optional), **lock** the folder against
+  concurrent switches (`lock`), **recover** from an interrupted save or delete (`recover`), and
+  say how much room is left (`free_bytes`).
 
 How each medium keeps the crash-safety promise is the backend's own protocol, stated in its
 module docstring: `ksuit.storage.local` (stage, journal, rename) for local file systems,
@@ -64,17 +65,23 @@ class Entry:
     name: str
     size: int
     problem: str | None = None
+    file_id: str | None = None
+    """What identifies the file's bytes on the medium (device and inode on a local disk): names
+    with one id are hard links of one file and take its bytes once. None where the medium does
+    not say (every name then counts on its own)."""
 
 
 @dataclass(frozen=True)
 class WrittenFile:
-    """A file a backend wrote: where it is, its size and checksum (of the bytes written)."""
+    """A file a backend wrote: where it is, its size and checksum (of the bytes written).
+    `shared_with`: the file of the same save whose bytes it shares (a hard link), if any."""
 
     location: str
     name: str
     size: int
     checksum: str
     seconds: float = 0.0
+    shared_with: str | None = None
 
 
 @dataclass
@@ -84,6 +91,7 @@ class RecoveryReport:
     rolled_forward: list[str] = field(default_factory=list)  # final names put in place
     removed_temps: list[str] = field(default_factory=list)
     discarded: list[str] = field(default_factory=list)  # "<journal>: <why>"
+    deleted: list[str] = field(default_factory=list)  # files of interrupted set deletes removed
     pending: list[PendingSwitch] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     # leftovers too young to remove: a save in flight may still be writing them (object stores)
@@ -155,6 +163,14 @@ class SetTransaction(ABC):
         """Makes every staged file and the `(name, bytes)` manifests visible as one atomic
         switch. `sequence` orders saves (larger is newer)."""
 
+    def stage_same(self, name: str, same_as: str) -> WrittenFile | None:
+        """Stages `name` with exactly the bytes of `same_as`, a file staged earlier in this save,
+        without writing them again (a hard link on a local disk; a server-side copy where an
+        object store has one), or returns None when the medium cannot: the caller then writes
+        `name` itself through `stage`. Readers see two ordinary files with one checksum;
+        deleting one name keeps the other. The default cannot."""
+        return None
+
 
 class Backend(ABC):
     """One folder on one medium. See the module docstring."""
@@ -218,6 +234,37 @@ class Backend(ABC):
     def delete(self, names: Sequence[str]) -> None:
         """Removes the files `names` (missing ones are skipped), durably."""
 
+    def make_durable(self, names: Sequence[str]) -> None:
+        """Makes files that something else wrote into the folder durable, with their names (a
+        Hugging Face checkpoint before its folder manifest marks it complete). The default does
+        nothing: media whose writes are durable once they return (object stores) need nothing."""
+        return None
+
+    def delete_set(self, manifest: str) -> None:
+        """Deletes the committed set whose manifest is `manifest`, with every file it lists,
+        crash-safely (retention calls it; the caller holds `lock()` and has decided the set may
+        go).
+
+        The protocol every backend keeps: (1) the delete is recorded durably before anything
+        goes (a journal, or the set's commit record itself); (2) the set becomes invisible
+        first: its manifest (commit record) is removed before any of its files, so no reader
+        ever sees a manifest listing a missing file; (3) the files are removed; (4) the record
+        is dropped. After a crash at any instant the folder holds the whole set or, once
+        `recover` ran (it finishes an interrupted delete), nothing of it, so `ksuit verify`
+        finds nothing to report. Files the manifest does not list (exports beside the set) stay.
+
+        This default removes the manifest, then the files: a crash between the two leaves
+        files no manifest lists (resume ignores them; `ksuit verify` reports them), so a backend
+        overrides it. The local backend journals the delete (`ksuit.storage.local.deletion`);
+        an object store deletes the commit record first, then the data objects, and its
+        recovery removes data objects no commit record names.
+        """
+        from ksuit.storage.manifest import read_manifest  # the manifest module uses this one
+
+        files = list(read_manifest(self, manifest).files)
+        self.delete([manifest])
+        self.delete(files)
+
     # ---- housekeeping ----------------------------------------------------------------------
     @abstractmethod
     def lock(self) -> contextlib.AbstractContextManager[object]:
@@ -225,7 +272,8 @@ class Backend(ABC):
 
     @abstractmethod
     def recover(self) -> RecoveryReport:
-        """Completes or discards an interrupted save; reports what it could not do."""
+        """Completes or discards an interrupted save, finishes an interrupted set delete;
+        reports what it could not do."""
 
     def repair(self, grace_seconds: float | None = None) -> RecoveryReport:
         """Recovery that also removes leftovers younger than the backend's usual grace period:

@@ -5,8 +5,12 @@ On disk a manifest is the JSON `Manifest.to_json` writes (unchanged since ksuit 
 one trusts nothing: the file must be a regular file (not a link, FIFO or device) of at most
 `MAX_MANIFEST_BYTES`, and every field is validated with strict types (`_ManifestSchema`): sizes
 are ints >= 0, checksums xxh3-64 hex digests, iterations `{epoch|update|sample: int >= 0}`,
-and every file name a plain checkpoint file name of the layout grammar (no '/', no '..', not
-absolute, not hidden), so a manifest can only ever name files inside its own folder. Any
+and every file name a plain checkpoint file name of the layout grammar or a foreign checkpoint
+ksuit writes (`*.ckpt`; no '/', no '..', not absolute, not hidden), so a manifest can only ever
+name checkpoint files inside its own folder, and the optional `metrics` (the values logged when
+the set was saved, which retention's `keep_best` reads) at most `MAX_METRICS` names of at most
+`MAX_METRIC_NAME` characters, each with a finite float. Manifests without `metrics` (every ksuit
+before it) read as before. Any
 violation is a `CorruptCheckpointError` naming the manifest: the set is damaged, not the run.
 Unknown extra keys are ignored, so a newer ksuit may add fields without breaking this one.
 """
@@ -21,13 +25,15 @@ from typing import Annotated, Literal
 import pydantic_core
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
-from ksuit.layout import ROLES, manifest_filename, parse_checkpoint_filename
+from ksuit.layout import ROLES, is_foreign_filename, manifest_filename, parse_checkpoint_filename
 from ksuit.storage.backend import Backend, Entry, Location
 from ksuit.storage.errors import CorruptCheckpointError, UnsafeCheckpointError
 
 CHECKSUM_ALGORITHM = "xxh3_64"
 MANIFEST_VERSION = 1
 MAX_MANIFEST_BYTES = 16 << 20  # ~100k files per set
+MAX_METRICS = 256
+MAX_METRIC_NAME = 200
 
 
 @dataclass
@@ -59,6 +65,7 @@ class Manifest:
     commit_sequence: int | None = None  # the journal sequence of the save that wrote it
     version: int = MANIFEST_VERSION
     checksum_algorithm: str = CHECKSUM_ALGORITHM
+    metrics: dict[str, float] | None = None  # values logged when the set was saved
 
     @property
     def filename(self) -> str:
@@ -67,6 +74,8 @@ class Manifest:
     def to_json(self) -> str:
         data = asdict(self)
         data["files"] = {name: entry.to_dict() for name, entry in self.files.items()}
+        if self.metrics is None:  # as every ksuit before metrics wrote it
+            del data["metrics"]
         return json.dumps(data, indent=1, sort_keys=True)
 
     @classmethod
@@ -109,13 +118,14 @@ def _iteration(value: Mapping[str, int] | None) -> dict[str, int] | None:
 
 
 def check_entry_name(name: str) -> str:
-    """A manifest's file name: a plain checkpoint file name of this folder, nothing else."""
+    """A manifest's file name: a plain checkpoint file name of this folder (of the layout
+    grammar, or a foreign checkpoint ksuit writes, e.g. Lightning's `last.ckpt`), nothing else."""
     if (
         not name
         or any(c in name for c in "/\\\0")
         or ".." in name
         or name.startswith(".")
-        or parse_checkpoint_filename(name) is None
+        or (parse_checkpoint_filename(name) is None and not is_foreign_filename(name))
     ):
         raise ValueError(f"{name[:200]!r} is not a checkpoint file name of this folder")
     return name
@@ -125,6 +135,8 @@ _STRICT = ConfigDict(strict=True, extra="ignore")
 _Count = Annotated[int, Field(ge=0)]
 _Iteration = dict[Literal["epoch", "update", "sample"], _Count]
 _Text = Annotated[str, Field(min_length=1, max_length=1000)]
+_MetricName = Annotated[str, Field(min_length=1, max_length=MAX_METRIC_NAME)]
+_Finite = Annotated[float, Field(allow_inf_nan=False)]
 
 
 class _EntrySchema(BaseModel):
@@ -145,6 +157,7 @@ class _ManifestSchema(BaseModel):
     commit_sequence: Annotated[int, Field(ge=0)] | None = None
     version: Annotated[int, Field(ge=1, le=MANIFEST_VERSION)] = MANIFEST_VERSION
     checksum_algorithm: Literal["xxh3_64"] = "xxh3_64"
+    metrics: Annotated[dict[_MetricName, _Finite], Field(max_length=MAX_METRICS)] | None = None
 
 
 def _first_errors(e: ValidationError, n: int = 3) -> str:

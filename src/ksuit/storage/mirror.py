@@ -25,7 +25,7 @@ from ksuit.storage.backend import Backend, Location, OpenedFile, WriteFn, WriteS
 from ksuit.storage.errors import ConcurrentWriterError, CorruptCheckpointError, StoreAccessError
 from ksuit.storage.locations import open_backend
 from ksuit.storage.manifest import MAX_MANIFEST_BYTES, Manifest, read_manifest
-from ksuit.storage.sets import PendingFile, SetWriter
+from ksuit.storage.sets import PendingFile, SaveHooks, SetWriter
 
 logger = logging.getLogger(__name__)
 COPY_CHUNK = 8 << 20
@@ -209,7 +209,8 @@ def _copy(stage: Callable[[str, WriteFn, int], WrittenFile], source: OpenedFile)
 
 
 class MirroringSetWriter(SetWriter):
-    """A `SetWriter` of the local folder whose committed sets are replicated to `mirror`."""
+    """A `SetWriter` of the local folder whose committed sets are replicated to `mirror`.
+    Retention (`hooks`) applies to the local folder; the mirror keeps every set it received."""
 
     def __init__(
         self,
@@ -217,8 +218,9 @@ class MirroringSetWriter(SetWriter):
         mirror: Backend | Location,
         attempts: int = 3,
         first_delay: float = 1.0,
+        hooks: SaveHooks | None = None,
     ):
-        super().__init__(folder)
+        super().__init__(folder, hooks=hooks)
         self.replicator = Replicator(self.backend, open_backend(mirror), attempts, first_delay)
 
     @property

@@ -23,6 +23,7 @@ from ksuit.models.base import ModelBase, require_ksuit_model
 from ksuit.models.optimizer import OptimizerWrapper
 from ksuit.providers import PathProvider
 from ksuit.readers import ResumePoint
+from ksuit.retention import RetentionPolicy
 from ksuit.schemas.trainer import CheckpointFormat, Device, Precision, TrainerSettings
 from ksuit.trainers import devices, rng, state, update
 from ksuit.trainers.loader import TrainLoader
@@ -47,6 +48,9 @@ class BaseTrainer:
         path_provider: where the run writes (`<output>/<run_id>/checkpoints`).
         callbacks: periodic work and checkpoints, see `ksuit.callbacks`.
         progress: add a `ProgressBarCallback` (rank 0, interactive terminals only).
+        retention: which checkpoint sets the run keeps and its disk budget
+            (`ksuit.retention.RetentionPolicy`; the run config's top-level `retention:`), or set
+            on a `CheckpointCallback`: once per run.
         the other keywords: the settings, documented and validated by
             `ksuit.schemas.trainer.TrainerSettings` (the run config's `trainer:` section too),
             e.g. `effective_batch_size`, `max_epochs`, `precision`, `seed`.
@@ -72,6 +76,7 @@ class BaseTrainer:
         checkpoint_format: CheckpointFormat = "torch",
         checkpoint_mirror: str | None = None,
         progress: bool = False,
+        retention: RetentionPolicy | None = None,
     ):
         # every argument named like a setting is one (tests check the signature matches them)
         arguments = {k: v for k, v in locals().items() if k in TrainerSettings.model_fields}
@@ -94,6 +99,9 @@ class BaseTrainer:
         self.checkpoint_format = settings.checkpoint_format
         self.checkpoint_mirror = settings.checkpoint_mirror
         self.progress = progress
+        if retention is not None and not isinstance(retention, RetentionPolicy):
+            retention = RetentionPolicy.model_validate(retention)
+        self.retention = retention
         self.callbacks = with_unique_names([*callbacks, *([ProgressBarCallback()] if progress else [])])
 
         # set up by setup(); `model`, `update_counter` and `checkpoint_writer` read them and
@@ -200,10 +208,29 @@ class BaseTrainer:
             async_save=self.async_save,
             format=self.checkpoint_format,
             mirror=self.checkpoint_mirror,
+            retention=self._retention_policy(),
         )
         if self.precision == "float16":
             self.grad_scaler = torch.amp.GradScaler(self.device.type)
         seed_everything(self.seed + self.rank)
+
+    def _retention_policy(self) -> RetentionPolicy | None:
+        """The run's one retention policy: the trainer's or a callback's (`retention`), never two."""
+        sources = [("the trainer's retention", self.retention)] if self.retention is not None else []
+        sources += [
+            (f"callback '{cb.name}'", policy)
+            for cb in self.callbacks
+            if isinstance(policy := getattr(cb, "retention", None), RetentionPolicy)
+        ]
+        if len(sources) > 1:
+            raise ValueError(
+                "retention is set more than once ("
+                + ", ".join(name for name, _ in sources)
+                + "); it governs "
+                "the run's whole checkpoint folder: set it once, at the top of the run config or on one "
+                "callback"
+            )
+        return sources[0][1] if sources else None
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
         """The autocast context of the configured precision (nothing for float32)."""
@@ -340,8 +367,9 @@ class BaseTrainer:
         """
         tags = spec.trainer_tags(checkpoint_tag) if include_trainer else []
         # one atomic switch for the model, optimizer and trainer files and whatever the callbacks
-        # add for the same tags (EMA weights): a crash leaves all of them old or all new
-        with self.checkpoint_writer.batch():
+        # add for the same tags (EMA weights): a crash leaves all of them old or all new; the
+        # latest metrics go into every manifest (for retention's keep_best)
+        with self.checkpoint_writer.batch(metrics=self.metrics):
             self.checkpoint_writer.save_spec(
                 self.model, checkpoint_tag, spec, trainer=self if include_trainer else None
             )

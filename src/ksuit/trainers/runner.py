@@ -245,6 +245,15 @@ def prepare_run(
     initializers = build_initializers(config)
     trainer_kwargs = tc.model_dump(exclude={"kind"})
     trainer = trainer_cls(path_provider, callbacks=callbacks, progress=progress, **trainer_kwargs)
+    if config.retention is not None:
+        given = [i for i, cb in enumerate(config.callbacks) if cb.kwargs.get("retention") is not None]
+        if given:
+            raise config.error(
+                f"callbacks.{given[0]}.retention",
+                "retention is also set at the top level; it governs the run's whole checkpoint folder: "
+                "set it once",
+            )
+        trainer.retention = config.retention
 
     initializer: Initializer | None
     if resume:

@@ -2,7 +2,8 @@
 
 File names come from `ksuit.layout`; bytes reach the medium through a `ksuit.storage` backend
 (atomic, checksummed, optionally asynchronous). This module only decides *what* is written: the
-save plan is `ksuit.writers.plan`, the payloads `ksuit.writers.payload`.
+save plan is `ksuit.writers.plan`, the payloads `ksuit.writers.payload`; what is kept afterwards
+is `ksuit.retention`'s (a `RetentionPolicy` applied around every save).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from ksuit.layout import checkpoint_filename, parse_checkpoint_filename, validate_output_name, validate_tag
 from ksuit.models.base import ModelBase, require_ksuit_model
 from ksuit.models.selection import select_leaves
+from ksuit.retention import Retention, RetentionPolicy
 from ksuit.schemas.models import ModelBaseConfig
 from ksuit.storage import (
     AsyncSetWriter,
@@ -31,18 +33,26 @@ from ksuit.storage.formats import format_of_path, get_format
 from ksuit.storage.mirror import MirroringSetWriter, ReplicationFailure
 from ksuit.storage.snapshot import SnapshotPool
 from ksuit.utils.distributed import is_rank0
-from ksuit.writers.payload import check_state_dict, model_payload
+from ksuit.writers.payload import check_metrics, check_state_dict, model_payload
 from ksuit.writers.plan import SaveSpec
 
 if TYPE_CHECKING:
     from ksuit.providers import PathProvider
-    from ksuit.utils.training import UpdateCounter
+    from ksuit.utils.training import TrainingIteration, UpdateCounter
 
 
 class SupportsStateDict(Protocol):
     """What the writer needs of a trainer: its resume state (`ksuit.trainers.BaseTrainer`)."""
 
     def state_dict(self) -> dict[str, Any]: ...
+
+
+class SupportsIteration(Protocol):
+    """What the writer needs of an update counter: where training stands
+    (`ksuit.utils.training.UpdateCounter`, or a plain loop's `ksuit.LoopState`)."""
+
+    @property
+    def cur_iteration(self) -> TrainingIteration: ...
 
 
 class CheckpointKeys(enum.StrEnum):
@@ -84,6 +94,9 @@ class CheckpointWriter:
         max_pending: at most this many snapshots exist at once (async only); the next save waits.
         format: "torch" (`.th`) or "safetensors" for weights files; optimizer and trainer files
             are always `.th`.
+        retention: which sets to keep and the disk budget (`ksuit.retention.RetentionPolicy`),
+            applied after every save commits (and, with a budget, before it is written), on the
+            thread that writes: the background thread with `async_save`.
         mirror: an output root (e.g. `"s3://bucket/runs"`) to replicate every committed set to,
             in the background, under the same `<run_id>[/<stage>]/checkpoints`: saves run at
             local speed, and a run resumes from whichever copy holds the newer complete set
@@ -94,11 +107,12 @@ class CheckpointWriter:
     def __init__(
         self,
         path_provider: PathProvider,
-        update_counter: UpdateCounter,
+        update_counter: UpdateCounter | SupportsIteration,
         *,
         async_save: bool = False,
         max_pending: int = 1,
         format: str = "torch",
+        retention: RetentionPolicy | None = None,
         mirror: str | Path | None = None,
     ):
         if not hasattr(path_provider, "checkpoint_path") or not hasattr(path_provider, "run_id"):
@@ -125,6 +139,10 @@ class CheckpointWriter:
         self._past_failures: list[ReplicationFailure] = []
         self._sink: SetSink | None = None
         self._batch: list[PendingFile] | None = None
+        self._batch_metrics: dict[str, float] | None = None
+        if retention is not None and not isinstance(retention, RetentionPolicy):
+            retention = RetentionPolicy.model_validate(retention)
+        self._retention = Retention(retention) if retention is not None else None
 
     # ---- public API -------------------------------------------------------------------------
     def save_model_checkpoint(
@@ -174,6 +192,8 @@ class CheckpointWriter:
         save_latest_optim: bool = False,
         model_names_to_save: list[str] | None = None,
         save_frozen_weights: bool = True,
+        *,
+        metrics: dict[str, float] | None = None,
     ) -> None:
         """Saves a model to the disk.
 
@@ -190,6 +210,8 @@ class CheckpointWriter:
                 procedure.
             model_names_to_save: If defined, only store some of the submodels of a CompositeModel.
             save_frozen_weights: If true, also stores the weights of frozen models.
+            metrics: values to record in the manifest of every set this save writes (e.g. the
+                latest validation loss), for retention's `keep_best`; non-finite ones are left out.
         """
         spec = SaveSpec(
             save_weights=save_weights,
@@ -199,7 +221,7 @@ class CheckpointWriter:
             model_names_to_save=model_names_to_save,  # type: ignore[arg-type]  # SaveSpec checks it
             save_frozen_weights=save_frozen_weights,
         )
-        self.save_spec(model, checkpoint_tag, spec, trainer)
+        self.save_spec(model, checkpoint_tag, spec, trainer, metrics=metrics)
 
     def save_spec(
         self,
@@ -207,10 +229,16 @@ class CheckpointWriter:
         checkpoint_tag: str,
         spec: SaveSpec,
         trainer: SupportsStateDict | None = None,
+        *,
+        metrics: dict[str, float] | None = None,
     ) -> None:
-        """`save` with its options as one `SaveSpec` (what the trainer and callbacks pass)."""
+        """`save` with its options as one `SaveSpec` (what the trainer and callbacks pass).
+
+        Files with the same content under several tags (a leaf's optimizer state, the trainer
+        state) share one payload, so their bytes are written once (hard links on local disk)."""
         require_ksuit_model(model)
         validate_tag(checkpoint_tag)
+        recorded = check_metrics(metrics)
         if trainer is not None and not callable(getattr(trainer, "state_dict", None)):
             raise TypeError(f"trainer must have a state_dict() method, got {type(trainer).__name__}")
         leaves = select_leaves(model, spec.model_names_to_save)
@@ -222,6 +250,7 @@ class CheckpointWriter:
             return
         iteration = dict(self.update_counter.cur_iteration)
         files: list[PendingFile] = []
+        optim_states: dict[str, dict[str, Any]] = {}  # one state dict per leaf for every tag
         for plan in spec.plan(checkpoint_tag, with_trainer=trainer_state is not None):
             tag = plan.tag
             for name, leaf in leaves:
@@ -233,7 +262,9 @@ class CheckpointWriter:
                     )
                 if plan.optim and leaf.optimizer is not None:
                     filename = checkpoint_filename(name, tag, "optim")
-                    optim_state = leaf.optimizer.state_dict()
+                    if name not in optim_states:
+                        optim_states[name] = leaf.optimizer.state_dict()
+                    optim_state = optim_states[name]
                     files.append(
                         PendingFile(filename, optim_state, "torch", "optim", model.name, tag, iteration)
                     )
@@ -242,10 +273,13 @@ class CheckpointWriter:
                 files.append(
                     PendingFile(filename, trainer_state, "torch", "trainer", model.name, tag, iteration)
                 )
+        if recorded is not None:
+            for f in files:
+                f.metrics = recorded
         self._submit(files)
 
     @contextlib.contextmanager
-    def batch(self) -> Iterator[CheckpointWriter]:
+    def batch(self, metrics: dict[str, float] | None = None) -> Iterator[CheckpointWriter]:
         """Collects every save made inside the block into ONE atomic set switch.
 
         Use it when files of several saves belong together, e.g. the trainer's `latest` and the
@@ -253,7 +287,8 @@ class CheckpointWriter:
         Payloads are taken when the block ends (snapshotted then in async mode), so do not
         change the saved tensors inside the block. An exception inside the block writes nothing.
         Nested blocks join the outermost one; an exception leaving a nested block drops that
-        block's saves (an outer block that catches it writes only its own).
+        block's saves (an outer block that catches it writes only its own). `metrics` (of the
+        outermost block) are recorded in the manifest of every set saved inside without its own.
         """
         if self._batch is not None:
             mark = len(self._batch)
@@ -264,12 +299,19 @@ class CheckpointWriter:
                 raise
             return
         self._batch = []
+        self._batch_metrics = check_metrics(metrics)
         try:
             yield self
         except BaseException:
             self._batch = None
             raise
+        finally:
+            batch_metrics, self._batch_metrics = self._batch_metrics, None
         files, self._batch = self._batch, None
+        if batch_metrics is not None:
+            for f in files:
+                if f.metrics is None:
+                    f.metrics = batch_metrics
         # a file saved twice in one batch (e.g. 'latest' by two callbacks) is written once, last wins
         unique = {f.filename: f for f in files}
         self._submit(list(unique.values()))
@@ -287,6 +329,15 @@ class CheckpointWriter:
                 sink.close()
             finally:
                 self._past_failures += _failures_of(sink)
+
+    @property
+    def retention(self) -> RetentionPolicy | None:
+        """The policy applied around every save (None: every set is kept)."""
+        return self._retention.policy if self._retention is not None else None
+
+    def free_bytes(self) -> int | None:
+        """Free bytes of the disk the checkpoint folder is (or will be) on; None if unknown."""
+        return open_backend(self.path_provider.checkpoint_path).free_bytes()
 
     @property
     def snapshot_pool(self) -> SnapshotPool | None:
@@ -344,9 +395,9 @@ class CheckpointWriter:
                 set_storage_options(str(self.path_provider.output_root_path), options)
             mirror = self.mirror_location
             writer = (
-                SetWriter(open_backend(location))
+                SetWriter(open_backend(location), hooks=self._retention)
                 if mirror is None
-                else MirroringSetWriter(open_backend(location), mirror)
+                else MirroringSetWriter(open_backend(location), mirror, hooks=self._retention)
             )
             self._sink = AsyncSetWriter(writer, self.max_pending) if self.async_save else writer
         return self._sink
@@ -357,11 +408,26 @@ class CheckpointWriter:
         if self._batch is not None:
             self._batch.extend(files)
             return
-        self._set_sink().write_set(files, self.path_provider.run_id, on_written=self._log_written)
+        sink = self._set_sink()
+        # retention leaves the sets of a queued save alone until it is written
+        queued = self._retention if isinstance(sink, AsyncSetWriter) else None
+        if queued is not None:
+            queued.submitted(files)
+        try:
+            sink.write_set(files, self.path_provider.run_id, on_written=self._log_written)
+        except BaseException:
+            if queued is not None:  # an asynchronous save fails before it is queued
+                queued.released(files)
+            raise
 
     def _log_written(self, written: list[WrittenFile]) -> None:
         for w in written:
-            self.logger.info("wrote %s (%s bytes, %.3fs)", w.location, w.size, w.seconds)
+            if w.shared_with is not None:
+                self.logger.info(
+                    "wrote %s (%s bytes, the bytes of %s: hard link)", w.location, w.size, w.shared_with
+                )
+            else:
+                self.logger.info("wrote %s (%s bytes, %.3fs)", w.location, w.size, w.seconds)
 
 
 def _failures_of(sink: SetSink) -> list[ReplicationFailure]:

@@ -41,6 +41,15 @@ that a save that returned is not lost.
    applied (a folder at a final name, a read-only folder). Finally the temporary files of
    ksuit's grammar that no pending journal names are deleted; no other file is.
 
+Files with identical bytes in one save (a progress tag's and `latest`'s optimizer state) are
+staged once and *hard-linked* under the second name (`LocalSetTransaction.stage_same`; a copy
+where the file system refuses links); each name is an ordinary file of its set, listed in the
+journal with the same size and checksum, and deleting one keeps the other.
+
+Retention deletes a committed set by a journal of its own (`ksuit.storage.local.deletion`):
+journal first (the commit point of the delete), then the manifest (the set is invisible), then
+the files; recovery finishes an interrupted delete.
+
 A crash before the journal lands leaves the old set and some temporary files (deleted on
 recovery); a crash after leaves a journal that recovery completes. Either way each manifest
 describes exactly the files beside it, with sizes and checksums, and `ksuit verify` can prove it.
@@ -54,8 +63,8 @@ process per folder; readers may come and go: set switches, recovery and readers 
 quiet folder hold the folder lock (`ksuit.storage.local.locking`: `flock` on the folder).
 
 Modules: `files` (fsync, hashing sink, atomic single file, durable folders), `direct_io`
-(O_DIRECT streams for large files), `staging` (stage, journal, switch), `journal`, `recovery`,
-`locking`, `safe_files`.
+(O_DIRECT streams for large files), `staging` (stage, journal, switch), `deletion` (set
+deletes), `journal`, `recovery`, `locking`, `safe_files`.
 """
 
 from __future__ import annotations
@@ -78,6 +87,7 @@ from ksuit.storage.backend import (
     WriteFn,
     WrittenFile,
 )
+from ksuit.storage.local.deletion import delete_set
 from ksuit.storage.local.direct_io import open_stream
 from ksuit.storage.local.files import (
     HashingSink,
@@ -182,8 +192,10 @@ class LocalBackend(Backend):
                     continue
                 if stat.S_ISDIR(st.st_mode):
                     continue
-                problem = None if stat.S_ISREG(st.st_mode) else not_regular_problem(st.st_mode)
-                result.append(Entry(e.name, st.st_size, problem))
+                regular = stat.S_ISREG(st.st_mode)
+                problem = None if regular else not_regular_problem(st.st_mode)
+                file_id = f"{st.st_dev}:{st.st_ino}" if regular else None
+                result.append(Entry(e.name, st.st_size, problem, file_id))
         return sorted(result, key=lambda x: x.name)
 
     def read_small(self, name: str, max_bytes: int, what: str) -> bytes:
@@ -266,6 +278,27 @@ class LocalBackend(Backend):
             if removed:
                 fsync_dir(self.path)
 
+    def make_durable(self, names: Sequence[str]) -> None:
+        paths = [self._file(n) for n in names]
+        for path in paths:
+            fd = open_regular(path)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(self.path)
+
+    def delete_set(self, manifest: str) -> None:
+        """Journaled: see `ksuit.storage.local.deletion`."""
+        if not is_plain_filename(manifest):
+            raise ValueError(f"{manifest!r} is not a plain file name inside {self.path}")
+        with folder_lock(self.path):
+            pending = journal_sequences(self.path)
+            if pending:
+                recover_folder(self.path)
+                pending = journal_sequences(self.path)
+            delete_set(self.path, manifest, max(pending, default=0))
+
     # ---- housekeeping ----------------------------------------------------------------------
     def lock(self) -> contextlib.AbstractContextManager[object]:
         return folder_lock(self.path)
@@ -274,8 +307,12 @@ class LocalBackend(Backend):
         return recover_folder(self.path)
 
     def free_bytes(self) -> int | None:
+        """Free bytes of the file system the folder is (or, before it exists, will be) on."""
+        probe = self.path
+        while not probe.is_dir() and probe.parent != probe:
+            probe = probe.parent
         try:
-            return disk_free_bytes(self.path)
+            return disk_free_bytes(probe)
         except OSError:
             return None
 

@@ -14,6 +14,10 @@ acted on (`ksuit.storage.journal`); then, oldest first, each journal is
 - *left pending* and reported when it cannot be applied (a folder sits at a final name, the
   folder is read-only): nothing it would replace is touched and every other set stays usable.
 
+A delete journal (an interrupted set delete of retention) is *finished*
+(`ksuit.storage.local.deletion.finish_delete`): the set's manifest and files go, unless the
+set was written again since.
+
 Temporary files of ksuit's grammar that no pending journal names are then deleted; nothing else
 is. Recovery that cannot write reports what it could not do instead of raising.
 """
@@ -31,6 +35,7 @@ from pathlib import Path
 from ksuit.layout import is_journal_filename, is_temp_filename, journal_sequence
 from ksuit.storage.backend import PendingSwitch, RecoveryReport
 from ksuit.storage.errors import UnsafeCheckpointError
+from ksuit.storage.local.deletion import finish_delete
 from ksuit.storage.local.files import fsync_dir
 from ksuit.storage.local.journal import Journal, JournalEntry, read_journal
 from ksuit.storage.local.locking import folder_lock
@@ -82,6 +87,9 @@ def _read_journals(folder: Path) -> list[Journal]:
 
 
 def _recover_journal(folder: Path, journal: Journal, report: RecoveryReport, keep: set[str]) -> None:
+    if journal.delete is not None:
+        _recover_delete(folder, journal, report)
+        return
     try:
         plan = _plan(folder, journal)
         if plan.action == "apply":
@@ -100,6 +108,18 @@ def _recover_journal(folder: Path, journal: Journal, report: RecoveryReport, kee
     keep.update(x.temp for x in journal.entries)
     report.pending.append(PendingSwitch(journal.name, frozenset(x.final for x in journal.entries), reason))
     report.problems.append(reason)
+
+
+def _recover_delete(folder: Path, journal: Journal, report: RecoveryReport) -> None:
+    try:
+        finish_delete(folder, journal, report)
+    except OSError as e:
+        reason = (
+            f"could not finish the interrupted delete recorded in {journal.path} ({e}); fix the cause "
+            "(e.g. make the folder writable) and run `ksuit verify` on the run"
+        )
+        report.pending.append(PendingSwitch(journal.name, frozenset(), reason))
+        report.problems.append(reason)
 
 
 def _plan(folder: Path, journal: Journal) -> _Plan:
@@ -244,6 +264,8 @@ def _log(folder: Path, report: RecoveryReport) -> None:
         logger.warning(
             "completed an interrupted checkpoint save in %s: %s", folder, ", ".join(report.rolled_forward)
         )
+    if report.deleted:
+        logger.warning("finished an interrupted set delete in %s: %s", folder, ", ".join(report.deleted))
     if report.removed_temps:
         logger.info("removed %d leftover temporary files in %s", len(report.removed_temps), folder)
     for problem in report.problems:

@@ -26,6 +26,8 @@ from ksuit.storage.local.files import (
 )
 from ksuit.storage.local.journal import JournalEntry, encode_journal
 
+COPY_CHUNK = 8 << 20
+
 
 @dataclass
 class _Staged:
@@ -96,6 +98,41 @@ class LocalSetTransaction(SetTransaction):
             sink.close()
         self.staged.append(_Staged(tmp, final, sink.nbytes, sink.hexdigest(), manifest))
         return WrittenFile(str(final), name, sink.nbytes, sink.hexdigest(), time.perf_counter() - start)
+
+    def stage_same(self, name: str, same_as: str) -> WrittenFile:
+        """`name` as a hard link of the staged `same_as` (one inode, its bytes written once), or,
+        where the file system refuses links, a copy of its bytes; either way staged like any
+        file: the journal lists it with the same size and checksum, and the switch renames it."""
+        source = next((s for s in self.staged if s.final.name == same_as), None)
+        if source is None:
+            raise ValueError(f"{same_as!r} is not staged in this save; stage it before {name!r}")
+        final = self.folder / name
+        self.current = final
+        tmp = new_temp_path(final)
+        start = time.perf_counter()
+        self.temps.append(tmp)
+        shared: str | None = same_as
+        try:
+            os.link(source.temp, tmp)
+        except OSError:  # EXDEV, EPERM, EMLINK, ENOTSUP, ...: the bytes once more
+            shared = None
+            self._copy(source, tmp)
+        self.staged.append(_Staged(tmp, final, source.size, source.checksum, self.manifest_of.get(name)))
+        seconds = time.perf_counter() - start
+        return WrittenFile(str(final), name, source.size, source.checksum, seconds, shared_with=shared)
+
+    def _copy(self, source: _Staged, tmp: Path) -> None:
+        self.sink = sink = HashingSink(tmp)
+        fd = os.open(source.temp, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        try:
+            while chunk := os.read(fd, COPY_CHUNK):
+                sink.write(chunk)
+            sink.fsync_and_close()
+        finally:
+            os.close(fd)
+            sink.close()
+        if (sink.nbytes, sink.hexdigest()) != (source.size, source.checksum):
+            raise OSError(errno.EIO, f"the copy {tmp} of {source.temp} differs from it; nothing was saved")
 
     def commit(self, manifests: Sequence[tuple[str, bytes]], sequence: int) -> None:
         for name, data in manifests:

@@ -286,7 +286,9 @@ class ObjectStoreBackend(Backend):
     def entries(self) -> list[Entry]:
         view = self.view()
         found = {n: Entry(n, len(data)) for n, data in view.manifests.items()}
-        found.update({n: Entry(n, ref.size) for n, ref in view.files.items() if n not in found})
+        # names sharing one object (a progress tag and latest written from the same tensors) hold
+        # its bytes once: the object's key is their file id
+        found.update({n: Entry(n, r.size, file_id=r.key) for n, r in view.files.items() if n not in found})
         for listed in self._listing()[0]:
             name = listed.path.rsplit("/", 1)[-1]
             if name not in found:  # a standalone object (a committed set's name takes precedence)
@@ -375,7 +377,7 @@ class ObjectStoreBackend(Backend):
         view = self.view(self.read_head(fresh=True))
         for name in names:
             if name in view.manifests:
-                self.delete_set(name, [])
+                self.delete_set(name)
         members = sorted(n for n in names if n in view.files and n not in view.manifests)
         if members:
             raise ValueError(
@@ -385,15 +387,17 @@ class ObjectStoreBackend(Backend):
         plain = [self.path(n) for n in names if n not in view.manifests]
         self.store.delete(plain)
 
-    def delete_set(self, manifest: str, files: Sequence[str]) -> None:
-        """Deletes the set of `manifest` crash-safely: one head swap hides it, then its objects are
-        retired (removed once no reader can still be using them). `files` are the set's files as
-        the caller knows them; the set's objects come from its commit record."""
+    def delete_set(self, manifest: str, files: Sequence[str] | None = None) -> None:
+        """Deletes the set of `manifest` crash-safely: one head swap hides it (its commit record
+        may hold other sets of the same save, so the head, not the record, is what goes first),
+        then its objects are retired and removed once no reader can still be using them (or by
+        recovery after a crash). The set's objects come from its commit record; `files`, the
+        names the caller knows, are only checked."""
         from ksuit.storage.objectstore.commit import hide_sets
 
         if parse_manifest_filename(self._name(manifest)) is None:
             raise ValueError(f"{manifest!r} is not a manifest name")
-        for name in files:
+        for name in files or ():
             self._name(name)
         hide_sets(self, [manifest])
 
@@ -412,6 +416,11 @@ class ObjectStoreBackend(Backend):
             finally:
                 if outer is None:
                     self._pins.state = self._pins.listing = None
+
+    def follow(self, state: HeadState) -> None:
+        """After this thread swapped the head: a `lock()` block sees its own writes."""
+        if getattr(self._pins, "state", None) is not None:
+            self._pins.state = state
 
     def recover(self) -> RecoveryReport:
         return self.repair(self.recovery_grace)

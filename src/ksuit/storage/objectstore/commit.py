@@ -118,10 +118,11 @@ def swap_head(
             check(current)
             state = current
             continue
-        from ksuit.storage.objectstore.backend import _CACHE_LOCK, _HEADS
+        from ksuit.storage.objectstore.backend import _CACHE_LOCK, _HEADS, HeadState
 
         with _CACHE_LOCK:
             _HEADS[backend.location] = (new, stored.etag)
+        backend.follow(HeadState(new, stored.etag, stored.server_time))
         return state, new, expired
     raise ConcurrentWriterError(
         f"the head of {backend.location} changed {MAX_SWAPS} times while this process tried to update it; "
@@ -140,6 +141,7 @@ class ObjectSetTransaction(SetTransaction):
         self.owner_at_begin = begin.head.owner if begin.head is not None else None
         self.sequence_floor = (begin.head.sequence + 1) if begin.head is not None else 0
         self.staged: dict[str, ObjectRef] = {}
+        self.written: dict[str, WrittenFile] = {}
         self.committed = False
         self.in_doubt = False  # a head write was sent and its outcome is unknown: delete nothing
         self._open: UploadStream | None = None
@@ -158,13 +160,25 @@ class ObjectSetTransaction(SetTransaction):
         stream.finish()
         self._open = None
         self.staged[name] = ObjectRef(key, stream.nbytes)
-        return WrittenFile(
-            self.backend.file_location(name),
-            name,
-            stream.nbytes,
-            stream.hexdigest(),
-            time.perf_counter() - start,
+        seconds = time.perf_counter() - start
+        written = WrittenFile(
+            self.backend.file_location(name), name, stream.nbytes, stream.hexdigest(), seconds
         )
+        self.written[name] = written
+        return written
+
+    def stage_same(self, name: str, same_as: str) -> WrittenFile | None:
+        """`name` shares the object of `same_as` (staged by this save): no byte is written again,
+        the commit record points both names at one object, and deleting one name's set keeps
+        the object while the other's set uses it."""
+        ref = self.staged.get(same_as)
+        if ref is None or self.written.get(same_as) is None:
+            return None
+        self.staged[name] = ref
+        first = self.written[same_as]
+        shared = WrittenFile(self.backend.file_location(name), name, first.size, first.checksum, 0.0, same_as)
+        self.written[name] = shared
+        return shared
 
     def commit(self, manifests: Sequence[tuple[str, bytes]], sequence: int) -> None:
         record = self._record(manifests, sequence)
@@ -261,7 +275,7 @@ class ObjectSetTransaction(SetTransaction):
             self._open = None
         if self.committed or self.in_doubt:
             return
-        delete_quietly(self.backend, [ref.key for ref in self.staged.values()])
+        delete_quietly(self.backend, sorted({ref.key for ref in self.staged.values()}))
 
 
 def replaced_error(backend: ObjectStoreBackend, head: Head) -> ConcurrentWriterError:

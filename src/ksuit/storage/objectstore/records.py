@@ -215,8 +215,15 @@ def _ref(ref: ObjectRef) -> dict[str, Any]:
 
 
 def _check_ref(name: str, ref: ObjectRef, source: str) -> None:
+    """A file points at a data object of this folder: its own, or (two names of one save sharing
+    their bytes) another plain file name's with the same extension, the format's."""
     match = _DATA_KEY_RE.fullmatch(ref.key)
-    if not is_plain_filename(name) or match is None or match["name"] != name:
+    if (
+        not is_plain_filename(name)
+        or match is None
+        or not is_plain_filename(match["name"])
+        or match["name"].rsplit(".", 1)[-1] != name.rsplit(".", 1)[-1]
+    ):
         raise _invalid(
             source,
             "commit record",
