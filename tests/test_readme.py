@@ -35,3 +35,5 @@ def test_readme_python_blocks_run(tmp_path):
     assert "resumed from latest at E0_U60_S0" in everything
     assert "lightning last.ckpt E2_U6" in everything
     assert "transformers checkpoint-6" in everything
+    remote = [out for block, out in zip(blocks, outputs, strict=True) if "memory://" in block]
+    assert remote and "autoencoder.encoder_cp=latest_model.th" in remote[0]

@@ -218,11 +218,11 @@ def inspect_command(
     out.print(f"tensor bytes: {human_bytes(sum(r[3] for r in rows))}")
 
 
-def _recover(folder: Backend) -> tuple[RecoveryReport, bool]:
+def _recover(folder: Backend, repair: bool, grace: float) -> tuple[RecoveryReport, bool]:
     """Recovery for verify, and whether it refused a journal: a damaged or hostile journal is
     reported as a problem of the run (exit 1), and the sets are still checked."""
     try:
-        return folder.recover(), False
+        return (folder.repair(grace) if repair else folder.recover()), False
     except (CorruptCheckpointError, UnsafeCheckpointError) as e:
         return RecoveryReport(problems=[first_line(e)]), True
 
@@ -252,7 +252,27 @@ def _check_loads(s: CheckpointSet) -> None:
             s.problems[name] = f"cannot be loaded: {type(e).__name__}: {str(e)[:200]}"
 
 
-def verify_command(run_dir: RunDir) -> None:
+def verify_command(
+    run_dir: RunDir,
+    repair: Annotated[
+        bool,
+        typer.Option(
+            "--repair",
+            help="Also remove, on an object store, every leftover of interrupted saves older than --grace: "
+            "uncommitted objects and unfinished multipart uploads (recovery alone spares those younger "
+            "than an hour, which a save in flight may still be writing).",
+        ),
+    ] = False,
+    grace: Annotated[
+        float,
+        typer.Option(
+            "--grace",
+            min=0,
+            help="With --repair: spare leftovers younger than this many seconds (0: no save is running; "
+            "a save that is, fails cleanly instead of committing).",
+        ),
+    ] = 0.0,
+) -> None:
     """Check every checkpoint set of a run: presence, sizes, checksums and loadability.
 
     Interrupted saves are first completed or discarded (recovery); a save in flight in a
@@ -268,15 +288,22 @@ def verify_command(run_dir: RunDir) -> None:
         folder = checkpoint_folder(run_dir)
         # a save in flight (another process) finishes first, and none starts while we read
         with folder.lock():
-            report, refused = _recover(folder)
+            report, refused = _recover(folder, repair, grace)
             sets = scan_sets(folder, checksum=True)
             for s in sets:
                 _check_loads(s)
     out = console()
-    if report.rolled_forward or report.removed_temps:
+    if report.rolled_forward or report.removed_temps or report.discarded:
         out.print(
             f"recovery: completed {len(report.rolled_forward)} interrupted renames, "
-            f"removed {len(report.removed_temps)} temporary files"
+            f"removed {len(report.removed_temps)} temporary files or uncommitted objects, "
+            f"discarded {len(report.discarded)} interrupted saves or uploads"
+        )
+    if report.kept:
+        out.print(
+            f"recovery: kept {len(report.kept)} leftovers young enough to belong to a save in flight "
+            "(`ksuit verify --repair` removes them when no save is running)",
+            markup=False,
         )
     if report.deleted:
         out.print(f"recovery: finished an interrupted set delete ({len(report.deleted)} files removed)")

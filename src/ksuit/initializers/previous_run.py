@@ -16,6 +16,7 @@ from ksuit.models.sharding import is_sharded
 from ksuit.readers import CheckpointInfo, list_checkpoints, load_model_payload
 from ksuit.readers.leaf_loading import place_like
 from ksuit.readers.listing import checkpoint_folder, read_folder
+from ksuit.storage.locations import is_url
 from ksuit.utils.training import TrainingIteration
 
 if TYPE_CHECKING:
@@ -95,7 +96,7 @@ class PreviousRunInitializer(Initializer):
         patterns_to_rename: Any = None,
         strict: bool = True,
     ):
-        self.run_dir = Path(run_dir)
+        self.run_dir = run_dir if is_url(run_dir) else Path(run_dir)
         spec = parse_checkpoint_spec(checkpoint)
         if spec is None:
             raise ValueError(

@@ -10,6 +10,8 @@ from ksuit.initializers.base import Initializer, describe_spec, parse_checkpoint
 from ksuit.readers import CheckpointSet, ResumePoint, find_checkpoint_dir, select_resume_set
 from ksuit.readers.leaf_loading import load_leaf_optimizer, load_leaf_weights
 from ksuit.storage import load_file
+from ksuit.storage.locations import is_url
+from ksuit.utils.training import TrainingIteration
 
 if TYPE_CHECKING:
     from ksuit.trainers.base import BaseTrainer
@@ -29,10 +31,20 @@ class ResumeInitializer(Initializer):
             their manifest and that hold the trainer file, every weights file and every optimizer
             state are used; the others are skipped and logged with the reason.
         strict: refuse callback states that do not match the run's callbacks by name.
+        mirror: the run folder of a replicated copy (`trainer.checkpoint_mirror`, e.g.
+            `s3://bucket/runs/<run_id>`): the newest usable set of either copy is taken (the
+            local one on a tie), so a machine without the local folder resumes from the mirror.
     """
 
-    def __init__(self, run_dir: str | Path, checkpoint: Any = None, strict: bool = True):
-        self.run_dir = Path(run_dir)
+    def __init__(
+        self,
+        run_dir: str | Path,
+        checkpoint: Any = None,
+        strict: bool = True,
+        mirror: str | Path | None = None,
+    ):
+        self.run_dir = run_dir if is_url(run_dir) else Path(run_dir)
+        self.mirror = None if mirror is None else (mirror if is_url(mirror) else Path(mirror))
         self.checkpoint = parse_checkpoint_spec(checkpoint)
         self.strict = strict
         self.chosen: CheckpointSet | None = None
@@ -48,10 +60,24 @@ class ResumeInitializer(Initializer):
         return required
 
     def select(self, trainer: BaseTrainer) -> CheckpointSet:
-        folder = find_checkpoint_dir(self.run_dir)
-        chosen, skipped = select_resume_set(
-            folder, trainer.model.name, self.checkpoint, self.required_files(trainer)
-        )
+        found: list[tuple[CheckpointSet, list[tuple[str, str]], Path | str]] = []
+        errors: list[OSError] = []
+        for where in [self.run_dir] + ([self.mirror] if self.mirror is not None else []):
+            try:
+                folder = find_checkpoint_dir(where)
+                chosen, skipped = select_resume_set(
+                    folder, trainer.model.name, self.checkpoint, self.required_files(trainer)
+                )
+            except (FileNotFoundError, NotADirectoryError) as e:
+                errors.append(e)
+                continue
+            found.append((chosen, skipped, folder))
+        if not found:
+            if len(errors) > 1:
+                raise FileNotFoundError("; ".join(str(e) for e in errors)) from errors[0]
+            raise errors[0]
+        # the newest of the copies; on a tie the first (local) one
+        chosen, skipped, folder = max(found, key=lambda f: _iteration_key(f[0].training_iteration))
         self.chosen, self.skipped = chosen, skipped
         if trainer.rank == 0:
             for tag, reason in skipped:
@@ -85,3 +111,9 @@ class ResumeInitializer(Initializer):
         trainer.resumed_from = ResumePoint(
             chosen.folder.ref, chosen.tag, trainer.update_counter.cur_iteration.copy()
         )
+
+
+def _iteration_key(it: TrainingIteration | None) -> tuple[int, int, int]:
+    if it is None or not it.is_fully_specified:
+        return (-1, -1, -1)
+    return (it.update or 0, it.epoch or 0, it.sample or 0)

@@ -79,6 +79,10 @@ class TrainerSettings(BaseModel):
     over the ranks (FSDP2 `fully_shard`; every rank writes its shards of a sharded checkpoint
     folder `.dcp`, loaded resharded on any number of processes). Alone in one process, both
     train the plain model."""
+    checkpoint_mirror: Annotated[str, Field(min_length=1)] | None = None
+    """An output root (e.g. `s3://bucket/runs`) to replicate every committed checkpoint set to in
+    the background (`CheckpointWriter(mirror=...)`): saves run at local speed, and `--resume`
+    takes the newest complete set from either copy, so a new machine resumes from the mirror."""
 
     @model_validator(mode="after")
     def _exactly_one_end(self) -> TrainerSettings:

@@ -191,6 +191,7 @@ class AsyncSetWriter:
             self._queue.put(None)
             self._thread.join()
             _open_writers.pop(self._key, None)
+            self.set_writer.close()  # e.g. a mirroring writer waits for its replication
 
     def __del__(self) -> None:  # pragma: no cover
         if not getattr(self, "_closed", True):

@@ -22,9 +22,11 @@ path with `os` or `open`, so a checkpoint location may be a URL. What a backend 
   say how much room is left (`free_bytes`).
 
 How each medium keeps the crash-safety promise is the backend's own protocol, stated in its
-module docstring: `ksuit.storage.local` (stage, journal, rename) for local file systems.
-Backends are chosen from the location (`ksuit.storage.locations.open_backend`): a plain path or
-`file://` URL is local.
+module docstring: `ksuit.storage.local` (stage, journal, rename) for local file systems,
+`ksuit.storage.objectstore` (staged objects, a create-only commit record, a head swapped by
+compare-and-swap) for S3 and other fsspec file systems. Backends are chosen from the location
+(`ksuit.storage.locations.open_backend`): a plain path or `file://` URL is local, `s3://`,
+`memory://` and other fsspec URLs are object stores.
 
 Names passed to a backend are plain file names inside its folder (no separators); a backend
 refuses anything else.
@@ -98,6 +100,8 @@ class RecoveryReport:
     deleted: list[str] = field(default_factory=list)  # files of interrupted set deletes removed
     pending: list[PendingSwitch] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    # leftovers too young to remove: a save in flight may still be writing them (object stores)
+    kept: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -322,6 +326,12 @@ class Backend(ABC):
     def recover(self) -> RecoveryReport:
         """Completes or discards an interrupted save, finishes an interrupted set delete;
         reports what it could not do."""
+
+    def repair(self, grace_seconds: float | None = None) -> RecoveryReport:
+        """Recovery that also removes leftovers younger than the backend's usual grace period:
+        only those younger than `grace_seconds` are spared (`ksuit verify --repair --grace`).
+        Where recovery spares nothing (the local backend), the same as `recover()`."""
+        return self.recover()
 
     @abstractmethod
     def free_bytes(self) -> int | None:

@@ -75,6 +75,7 @@ class BaseTrainer:
         async_save: bool = False,
         checkpoint_format: CheckpointFormat = "torch",
         strategy: Strategy = "ddp",
+        checkpoint_mirror: str | None = None,
         progress: bool = False,
         retention: RetentionPolicy | None = None,
     ):
@@ -98,6 +99,7 @@ class BaseTrainer:
         self.async_save = settings.async_save
         self.checkpoint_format = settings.checkpoint_format
         self.strategy = settings.strategy
+        self.checkpoint_mirror = settings.checkpoint_mirror
         self.progress = progress
         if retention is not None and not isinstance(retention, RetentionPolicy):
             retention = RetentionPolicy.model_validate(retention)
@@ -211,6 +213,7 @@ class BaseTrainer:
             self._update_counter,
             async_save=self.async_save,
             format=self.checkpoint_format,
+            mirror=self.checkpoint_mirror,
             retention=self._retention_policy(),
         )
         if self.precision == "float16":

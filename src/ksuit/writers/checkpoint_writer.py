@@ -12,6 +12,7 @@ import contextlib
 import enum
 import logging
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ksuit.layout import (
@@ -25,8 +26,17 @@ from ksuit.models.base import ModelBase, require_ksuit_model
 from ksuit.models.selection import select_leaves
 from ksuit.retention import Retention, RetentionPolicy
 from ksuit.schemas.models import ModelBaseConfig
-from ksuit.storage import AsyncSetWriter, PendingFile, SetSink, SetWriter, WrittenFile, open_backend
+from ksuit.storage import (
+    AsyncSetWriter,
+    PendingFile,
+    SetSink,
+    SetWriter,
+    WrittenFile,
+    open_backend,
+    set_storage_options,
+)
 from ksuit.storage.formats import format_of_path, get_format
+from ksuit.storage.mirror import MirroringSetWriter, ReplicationFailure
 from ksuit.storage.snapshot import SnapshotPool
 from ksuit.utils import distributed
 from ksuit.utils.distributed import is_rank0
@@ -98,6 +108,11 @@ class CheckpointWriter:
         spread_replicated: under torch.distributed, write replicated (DDP) weights and optimizer
             states as sharded checkpoints too, every rank writing a share of the bytes, instead
             of rank 0 writing `.th` files (measured in `make bench`; off by default).
+        mirror: an output root (e.g. `"s3://bucket/runs"`) to replicate every committed set to,
+            in the background, under the same `<run_id>[/<stage>]/checkpoints`: saves run at
+            local speed, and a run resumes from whichever copy holds the newer complete set
+            (`ResumeInitializer(..., mirror=...)`). A failed upload is retried, then logged and
+            listed in `mirror_failures`; it never fails a save or touches the local files.
 
     Sharded models: a leaf whose parameters are DTensors (FSDP2 `fully_shard`) is saved as a
     sharded checkpoint folder (`<name>_cp=<tag>_model.dcp/`, and `..._optim.dcp/`) through
@@ -116,6 +131,7 @@ class CheckpointWriter:
         format: str = "torch",
         retention: RetentionPolicy | None = None,
         spread_replicated: bool = False,
+        mirror: str | Path | None = None,
     ):
         if not hasattr(path_provider, "checkpoint_path") or not hasattr(path_provider, "run_id"):
             raise TypeError(
@@ -136,6 +152,10 @@ class CheckpointWriter:
         self.max_pending = max_pending
         self.format = format
         self.spread_replicated = bool(spread_replicated)
+        if mirror is not None and (not isinstance(mirror, (str, Path)) or str(mirror) == ""):
+            raise TypeError(f"mirror must be an output root path or URL, got {mirror!r}")
+        self.mirror = mirror
+        self._past_failures: list[ReplicationFailure] = []
         self._sink: SetSink | None = None
         self._batch: list[PendingFile] | None = None
         self._batch_metrics: dict[str, float] | None = None
@@ -340,7 +360,10 @@ class CheckpointWriter:
         """Flushes and stops the background writer (a later save starts a new one)."""
         if self._sink is not None:
             sink, self._sink = self._sink, None
-            sink.close()
+            try:
+                sink.close()
+            finally:
+                self._past_failures += _failures_of(sink)
 
     @property
     def retention(self) -> RetentionPolicy | None:
@@ -380,6 +403,21 @@ class CheckpointWriter:
             extra,
         )
 
+    @property
+    def mirror_location(self) -> Path | str | None:
+        """The checkpoint folder of the mirror (None without one)."""
+        if self.mirror is None:
+            return None
+        from ksuit.providers import PathProvider
+
+        pp = self.path_provider
+        return PathProvider(self.mirror, pp.run_id, getattr(pp, "stage_name", None)).checkpoint_path
+
+    @property
+    def mirror_failures(self) -> list[ReplicationFailure]:
+        """Sets that could not be replicated to the mirror (each also logged as an error)."""
+        return self._past_failures + (_failures_of(self._sink) if self._sink is not None else [])
+
     def _set_sink(self) -> SetSink:
         """The set writer of the run's checkpoint folder: synchronous, or asynchronous around it
         (chosen once; a new one when the folder changed)."""
@@ -387,7 +425,15 @@ class CheckpointWriter:
         if self._sink is not None and self._sink.backend.location != str(location):
             self.close()
         if self._sink is None:
-            writer = SetWriter(open_backend(location), hooks=self._retention)
+            options = getattr(self.path_provider, "storage_options", None)
+            if options:
+                set_storage_options(str(self.path_provider.output_root_path), options)
+            mirror = self.mirror_location
+            writer = (
+                SetWriter(open_backend(location), hooks=self._retention)
+                if mirror is None
+                else MirroringSetWriter(open_backend(location), mirror, hooks=self._retention)
+            )
             self._sink = AsyncSetWriter(writer, self.max_pending) if self.async_save else writer
         return self._sink
 
@@ -423,3 +469,8 @@ class CheckpointWriter:
                 )
             else:
                 self.logger.info("wrote %s (%s bytes, %.3fs)", w.location, w.size, w.seconds)
+
+
+def _failures_of(sink: SetSink) -> list[ReplicationFailure]:
+    writer = sink.set_writer if isinstance(sink, AsyncSetWriter) else sink
+    return list(writer.failures) if isinstance(writer, MirroringSetWriter) else []
