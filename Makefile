@@ -30,6 +30,8 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_save_load.py --out benchmarks/results.json
+	$(BIN)/python benchmarks/bench_sharded.py --out benchmarks/results_sharded.json
+	$(BIN)/python benchmarks/bench_s3.py --out benchmarks/results_s3.json
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks examples

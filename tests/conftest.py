@@ -8,6 +8,7 @@ import torch
 from ksuit.providers import PathProvider
 from ksuit.utils.training import TrainingIteration, UpdateCounter
 from ksuit.zoo.autoencoder import AutoencoderConfig, DecoderConfig, EncoderConfig
+from tests.s3_server import s3, s3_endpoint  # noqa: F401  (fixtures: a moto S3 endpoint, a bucket)
 
 ADAMW = {"kind": "torch.optim.AdamW", "lr": 1e-3, "weight_decay": 0.05}
 

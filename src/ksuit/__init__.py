@@ -8,10 +8,12 @@ from ksuit.callbacks import (
     PeriodicCallback,
 )
 from ksuit.initializers import PreviousRunInitializer, ResumeInitializer
+from ksuit.integrations.loop import LoopState, resume
 from ksuit.layout import checkpoint_filename, parse_checkpoint_filename
 from ksuit.models import CompositeModel, Model, ModelBase
 from ksuit.providers import PathProvider
 from ksuit.readers import CheckpointInfo, list_checkpoints, load_model
+from ksuit.retention import RetentionPolicy
 from ksuit.schemas.models import ModelBaseConfig, OptimizerConfig
 from ksuit.storage import CorruptCheckpointError, UnsafeCheckpointError, load_file
 from ksuit.trainers import BaseTrainer
@@ -26,6 +28,7 @@ __all__ = [
     "Callback",
     "CheckpointCallback",
     "EmaCallback",
+    "LoopState",
     "PeriodicCallback",
     "PreviousRunInitializer",
     "ResumeInitializer",
@@ -39,6 +42,7 @@ __all__ = [
     "ModelBaseConfig",
     "OptimizerConfig",
     "PathProvider",
+    "RetentionPolicy",
     "TrainingIteration",
     "UnsafeCheckpointError",
     "UpdateCounter",
@@ -48,4 +52,5 @@ __all__ = [
     "load_file",
     "load_model",
     "parse_checkpoint_filename",
+    "resume",
 ]

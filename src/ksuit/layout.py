@@ -1,9 +1,15 @@
 """The checkpoint file-name grammar, in both directions, and name/tag validation.
 
     <name>[_<info>]_cp=<tag>_<role>.<ext>      a checkpoint file (role: model | optim | trainer)
+    <name>[_<info>]_cp=<tag>_<role>.dcp/       a sharded checkpoint: a folder (ksuit.storage.sharded)
     <name>[_<info>]_cp=<tag>.manifest.json     the manifest of one set (see ksuit.storage)
     .<final name>.<token>.tmp                  a file being written (token: 8 hex digits)
-    .ksuit-journal.<seq>.json                  a set switch in progress (seq: its commit sequence)
+    .ksuit-journal.<seq>.json                  a set switch or set delete in progress (seq: its sequence)
+    ksuit-pins.json                            the tags `ksuit pin` protects from retention
+    <any plain name>.ckpt                      another framework's checkpoint that ksuit writes in
+                                               a set of its own (Lightning's), a "foreign" file
+    ksuit.manifest.json                        a folder manifest: the files of a folder another
+                                               framework wrote (a Hugging Face checkpoint-<n>)
 
 `<name>` is a model name (`autoencoder.encoder` for a submodel), `<info>` optional
 `key=value` parts such as `ema=0.999`, `<tag>` a progress tag (`E10_U200_S800`), `latest`,
@@ -20,12 +26,17 @@ from dataclasses import dataclass
 from ksuit.utils.training import TrainingIteration
 
 ROLES = ("model", "optim", "trainer")
-EXTENSIONS = {"torch": "th", "safetensors": "safetensors"}
+EXTENSIONS = {"torch": "th", "safetensors": "safetensors", "dcp": "dcp"}
+SHARDED_FORMAT = "dcp"  # a folder of torch.distributed.checkpoint shards, one per rank
 LATEST = "latest"
 LAST = "last"
 MANIFEST_SUFFIX = ".manifest.json"
+# checkpoint files of other frameworks that ksuit writes under its own manifests (Lightning's .ckpt)
+FOREIGN_EXTENSIONS = (".ckpt",)
+FOLDER_MANIFEST = "ksuit.manifest.json"
 TEMP_SUFFIX = ".tmp"
 JOURNAL_PREFIX = ".ksuit-journal."
+PINS_FILENAME = "ksuit-pins.json"  # not a checkpoint: no `_cp=`, never `.th` or `.manifest.json`
 
 # one `_<key>=<value>` part of `<info>`; a value never holds '_', so parts split on it
 _INFO_KEY = r"[A-Za-z][A-Za-z0-9.\-]*"
@@ -33,7 +44,7 @@ _INFO_PART = _INFO_KEY + r"=[^_/\\]*"
 # matched with fullmatch: `$` would also match before a trailing newline
 _FILE_RE = re.compile(
     r"(?P<name>[^/\\]+?)(?P<info>(?:_" + _INFO_PART + r")*)_cp=(?P<tag>[^/\\]+)"
-    r"_(?P<role>model|optim|trainer)\.(?P<ext>th|safetensors)"
+    r"_(?P<role>model|optim|trainer)\.(?P<ext>th|safetensors|dcp)"
 )
 _MANIFEST_RE = re.compile(
     r"(?P<name>[^/\\]+?)(?P<info>(?:_" + _INFO_PART + r")*)_cp=(?P<tag>[^/\\]+)" + re.escape(MANIFEST_SUFFIX)
@@ -156,7 +167,12 @@ class CheckpointName:
 
     @property
     def format(self) -> str:
-        return "safetensors" if self.ext == "safetensors" else "torch"
+        return {"safetensors": "safetensors", "dcp": SHARDED_FORMAT}.get(self.ext, "torch")
+
+    @property
+    def is_sharded(self) -> bool:
+        """A folder of per-rank shards (`.dcp`), not a single file."""
+        return self.ext == EXTENSIONS[SHARDED_FORMAT]
 
     @property
     def training_iteration(self) -> TrainingIteration | None:
@@ -198,6 +214,26 @@ def parse_checkpoint_filename(filename: str) -> CheckpointName | None:
         role=match["role"],
         info=match["info"].lstrip("_"),
         ext=match["ext"],
+    )
+
+
+def is_sharded_filename(name: object) -> bool:
+    """A checkpoint name of a sharded checkpoint: a folder `..._<role>.dcp`."""
+    parsed = parse_checkpoint_filename(name) if isinstance(name, str) else None
+    return parsed is not None and parsed.is_sharded
+
+
+_PART_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,200}$")
+
+
+def is_part_filename(name: object) -> bool:
+    """A file name inside a sharded checkpoint folder (`__0_0.distcp`, `.metadata`, `ksuit.th`):
+    letters, digits, '_', '.', '-', never '.' or '..' or a temporary name."""
+    return (
+        isinstance(name, str)
+        and _PART_RE.match(name) is not None
+        and name not in (".", "..")
+        and not name.endswith(TEMP_SUFFIX)
     )
 
 
@@ -250,10 +286,22 @@ def temp_final_name(filename: str) -> str | None:
     return final if is_plain_filename(final) or is_journal_filename(final) else None
 
 
+def is_foreign_filename(filename: object) -> bool:
+    """Another framework's checkpoint file that ksuit writes in a set of its own: a plain name
+    ending in one of `FOREIGN_EXTENSIONS` (Lightning's `epoch=3-step=40.ckpt`, `last.ckpt`)."""
+    return (
+        is_plain_filename(filename)
+        and isinstance(filename, str)
+        and filename.endswith(FOREIGN_EXTENSIONS)
+        and len(filename) > max(len(e) for e in FOREIGN_EXTENSIONS)
+    )
+
+
 def is_ksuit_filename(filename: str) -> bool:
     """A final name ksuit writes into a checkpoint folder: a checkpoint file, a manifest, a
-    journal, or a plain name in one of ksuit's formats (`.th`, `.safetensors`)."""
-    if is_journal_filename(filename):
+    journal, the pins file, a plain name in one of ksuit's formats (`.th`, `.safetensors`), a
+    foreign checkpoint file ksuit writes (`.ckpt`) or a folder manifest."""
+    if is_journal_filename(filename) or filename == PINS_FILENAME:
         return True
     if not is_plain_filename(filename):
         return False
@@ -261,6 +309,8 @@ def is_ksuit_filename(filename: str) -> bool:
         parse_checkpoint_filename(filename) is not None
         or parse_manifest_filename(filename) is not None
         or filename.endswith(FORMAT_EXTENSIONS)
+        or is_foreign_filename(filename)
+        or filename == FOLDER_MANIFEST
     )
 
 

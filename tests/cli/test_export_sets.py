@@ -73,8 +73,8 @@ def test_export_never_replaces_a_file_of_a_set(path_provider, update_counter):
         writer.save(model, "E1_U20_S80", save_optim=False)
     folder = path_provider.checkpoint_path
     source = folder / "autoencoder.encoder_cp=E1_U20_S80_model.safetensors"
-    member = folder / "autoencoder.decoder_cp=E1_U20_S80_model.th"
-    CheckpointWriter(path_provider, update_counter).save(model, "E1_U20_S80", save_optim=False)
+    member = folder / "autoencoder.decoder_cp=E2_U40_S160_model.th"
+    CheckpointWriter(path_provider, update_counter).save(model, "E2_U40_S160", save_optim=False)
     before = member.read_bytes()
     result = runner.invoke(app, ["export", str(source), "--to", "torch", "--output", str(member), "--force"])
     assert result.exit_code == 2 and "belongs to the checkpoint set" in result.output

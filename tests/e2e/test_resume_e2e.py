@@ -4,8 +4,8 @@ with two processes (gloo on loopback)."""
 
 import os
 import shlex
+import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +15,7 @@ import pytest
 import torch
 import yaml
 from tests.conftest import assert_bitwise_equal
+from tests.e2e.torchrun import torchrun
 from typer.testing import CliRunner
 
 from ksuit.cli import app
@@ -70,22 +71,8 @@ def train_in_process(*args: str) -> str:
 def ksuit_train(*args: str, nproc: int = 1) -> list[str]:
     if nproc == 1:
         return [sys.executable, "-m", "ksuit", "train", *args, "--no-progress"]
-    with socket.socket() as s:  # a free port on loopback for the rendezvous
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        f"--nproc_per_node={nproc}",
-        "--master_addr=127.0.0.1",
-        f"--master_port={port}",
-        "-m",
-        "ksuit",
-        "train",
-        *args,
-        "--no-progress",
-    ]
+    # --standalone: torchrun binds a free port itself, no port a test picked that another takes
+    return torchrun(nproc, "-m", "ksuit", "train", *args, "--no-progress")
 
 
 def run_to_end(command: list[str]) -> str:
@@ -207,9 +194,10 @@ def test_torchrun_two_processes_stop_and_resume(tmp_path):
     code, out = interrupt(command, out_dir / "run", signal.SIGTERM)
     assert code != 0, out
     assert "torchrun --nproc_per_node=2 -m ksuit train" in out
-    # a single process refuses the two-process checkpoint
-    with pytest.raises(AssertionError, match="resume with the same world size"):
-        train_in_process(str(config), "--output", str(out_dir), "--run-id", "run", "--resume")
+    # a single process continues the two-process checkpoint too (elastic resume), here on a copy
+    shutil.copytree(out_dir / "run", tmp_path / "one" / "run")
+    out = train_in_process(str(config), "--output", str(tmp_path / "one"), "--run-id", "run", "--resume")
+    assert "resuming a run of 2 processes on 1" in out
     run_to_end(ksuit_train(str(config), "--output", str(out_dir), "--run-id", "run", "--resume", nproc=2))
     assert_same_final_files(ref / "run", out_dir / "run", ema=True)
 

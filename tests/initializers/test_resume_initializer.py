@@ -84,12 +84,14 @@ def test_restores_weights_and_optimizer(tmp_path):
 
 def test_damaged_sets_are_skipped_with_the_reason(tmp_path, caplog):
     folder = finished_run(tmp_path) / "checkpoints"
-    (folder / "autoencoder.encoder_cp=latest_optim.th").write_bytes(b"torn")
+    # latest's weights: its optimizer and trainer files are hard links of last's (one end-of-run
+    # save), so tearing those would tear last too
+    (folder / "autoencoder.encoder_cp=latest_model.th").write_bytes(b"torn")
     (folder / "autoencoder.decoder_cp=E3_U24_S192_model.th").unlink()
     with caplog.at_level(logging.INFO, logger="ksuit"):
         prepared = resume(tmp_path, None)
     assert prepared.trainer.resumed_from.tag == "last"
-    assert "skipped checkpoint 'latest': autoencoder.encoder_cp=latest_optim.th: size" in caplog.text
+    assert "skipped checkpoint 'latest': autoencoder.encoder_cp=latest_model.th: size" in caplog.text
     assert (
         "skipped checkpoint 'E3_U24_S192': autoencoder.decoder_cp=E3_U24_S192_model.th: missing"
         in caplog.text

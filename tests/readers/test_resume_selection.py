@@ -53,13 +53,27 @@ def test_a_set_with_a_missing_file_is_skipped_with_the_reason(run):
 
 def test_an_altered_file_is_caught_by_its_checksum(run):
     run_dir, folder, *_ = run
-    victim = folder / "autoencoder_cp=latest_trainer.th"
+    victim = folder / "autoencoder.encoder_cp=latest_model.th"
     data = bytearray(victim.read_bytes())
     data[-30] ^= 1
     victim.write_bytes(bytes(data))
     chosen, skipped = select_resume_set(run_dir, "autoencoder")
     assert chosen.tag == "E0_U3_S0"
     assert skipped[0][0] == "latest" and "checksum" in skipped[0][1]
+
+
+def test_a_damaged_file_shared_by_two_sets_is_caught_in_both(run):
+    """The trainer file of U3 and latest is one file (hard link): damage to it shows under both
+    names, and resume falls back to the newest set that does not share it."""
+    run_dir, folder, *_ = run
+    victim = folder / "autoencoder_cp=latest_trainer.th"
+    assert victim.stat().st_ino == (folder / "autoencoder_cp=E0_U3_S0_trainer.th").stat().st_ino
+    data = bytearray(victim.read_bytes())
+    data[-30] ^= 1
+    victim.write_bytes(bytes(data))
+    chosen, skipped = select_resume_set(run_dir, "autoencoder")
+    assert chosen.tag == "E0_U2_S0"
+    assert [t for t, _ in skipped] == ["latest", "E0_U3_S0"] and all("checksum" in r for _, r in skipped)
 
 
 def test_a_latest_set_mixing_iterations_is_skipped(run):

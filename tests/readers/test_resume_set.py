@@ -39,8 +39,11 @@ def run(path_provider, update_counter):
 
 
 def _flip(path, at=-30):
+    """One byte of this name flipped (a fresh file: a set's files may share their bytes with
+    another set's through a hard link, and the damage is meant to hit one set)."""
     data = bytearray(path.read_bytes())
     data[at] ^= 1
+    path.unlink()
     path.write_bytes(bytes(data))
 
 

@@ -8,6 +8,7 @@ runs what a restarted run runs: recovery, then resume selection. It records a vi
 - recovery raises, or leaves a temporary file or a journal behind;
 - a manifest in the folder lists a file that is missing or does not match its size and checksum,
   or files that carry different training iterations (a torn set);
+- a checkpoint file is listed by no manifest (half of a deleted set: `ksuit verify` reports it);
 - resume finds no set although a save had returned, or picks one older than that save;
 - a file of the chosen set does not load or carries another iteration than the set.
 
@@ -81,10 +82,16 @@ class Checker:
         left = sorted(n for n in os.listdir(folder) if n.endswith(".tmp") or n.startswith(".ksuit-journal"))
         if left:
             violations.append(f"leftover after recovery: {left}")
+        listed = set()
         for manifest in sorted(folder.glob("*.manifest.json")):
-            problem = self._set_problem(folder, json.loads(manifest.read_text()))
+            doc = json.loads(manifest.read_text())
+            listed.update(doc["files"])
+            problem = self._set_problem(folder, doc)
             if problem:
                 violations.append(f"torn set {manifest.name}: {problem}")
+        orphans = sorted(n for n in os.listdir(folder) if n.endswith(".th") and n not in listed)
+        if orphans:
+            violations.append(f"files no manifest lists: {orphans}")
         try:
             chosen, _skipped = select_resume_set(run_dir, GROUP)
         except FileNotFoundError as e:

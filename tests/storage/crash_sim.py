@@ -1,8 +1,9 @@
 """Crash states of a save, in the spirit of ALICE and CrashMonkey.
 
 `Recorder` wraps the `os` functions ksuit's storage calls (open/create, write, pwrite,
-ftruncate, fsync, close, rename/replace, unlink, mkdir) while a save runs, and records every
-operation on one checkpoint folder, with the bytes written. Wrapping `os` rather than routing
+ftruncate, fsync, close, rename/replace, link, unlink, mkdir) while a save runs, and records
+every operation on one checkpoint folder, with the bytes written. A hard link is a second name
+of the same file (inode): both names show the same bytes. Wrapping `os` rather than routing
 storage through a hook records the protocol of any version of the code, old or new.
 
 `crash_states` then builds the folder contents a power cut at each point could leave:
@@ -10,7 +11,7 @@ storage through a hook records the protocol of any version of the code, old or n
 - **ordered** (ext4/xfs `data=ordered`-like): every operation before the crash point happened,
   in order; file data not yet fsynced may be missing (the file holds what its last fsync saw).
 - **reorder** (POSIX): only what was made durable survives for sure. A directory operation
-  (create, rename, unlink, mkdir) is durable once a later fsync of its folder completed; the
+  (create, rename, link, unlink, mkdir) is durable once a later fsync of its folder completed; the
   others may each be lost, in any combination. Unsynced file data is kept, truncated to what
   was synced, or zeroed.
 
@@ -32,13 +33,13 @@ from pathlib import Path
 
 import xxhash
 
-DIR_OPS = ("create", "rename", "unlink")  # mkdir of a subfolder: recorded, never in a save
+DIR_OPS = ("create", "rename", "link", "unlink")  # mkdir of a subfolder: recorded, never in a save
 ENUMERATE_UP_TO = 5
 
 
 @dataclass
 class Op:
-    kind: str  # create | write | truncate | fsync | close | rename | unlink | mkdir | fsync_dir | mark
+    kind: str  # create | write | truncate | fsync | close | rename | link | unlink | mkdir | fsync_dir | mark
     name: str | None = None
     ino: int | None = None
     dst: str | None = None
@@ -67,7 +68,7 @@ class Recorder:
     (e.g. "the save of update 3 returned")."""
 
     _PATCHED = ("open", "write", "pwrite", "ftruncate", "fsync", "fdatasync", "close", "replace", "rename")
-    _PATCHED += ("unlink", "remove", "mkdir")
+    _PATCHED += ("unlink", "remove", "mkdir", "link")
 
     def __init__(self, folder: Path, initial_label: dict | None = None):
         self.folder = os.path.realpath(folder)
@@ -86,6 +87,7 @@ class Recorder:
             self.recording.ops.append(Op("mark", label=dict(label)))
 
     def __enter__(self) -> Recorder:
+        by_inode: dict[tuple[int, int], int] = {}  # hard links already in the folder share an ino
         for name in sorted(os.listdir(self.folder)):
             path = os.path.join(self.folder, name)
             if not os.path.isfile(path) or os.path.islink(path):
@@ -93,7 +95,10 @@ class Recorder:
             with open(path, "rb") as f:
                 data = f.read()
             self.recording.initial[name] = data
-            ino = self._new_ino()
+            st = os.stat(path)
+            ino = by_inode.get((st.st_dev, st.st_ino))
+            if ino is None:
+                ino = by_inode[(st.st_dev, st.st_ino)] = self._new_ino()
             self._names[name] = ino
             self.recording.initial_inos[name] = ino
             self._content[ino] = bytearray(data)
@@ -259,6 +264,18 @@ class Recorder:
     def _remove(self, path, **kw):
         return self._unlink_like("remove", path, **kw)
 
+    def _link(self, src, dst, **kw):
+        (ws, src_name), (wd, dst_name) = self._where(src), self._where(dst)
+        if ws != "in" and wd != "in":
+            return self._real["link"](src, dst, **kw)
+        if ws != "in" or wd != "in" or kw:
+            raise AssertionError(f"the recorder models links inside one folder: {src} -> {dst}")
+        with self._lock:
+            self._real["link"](src, dst)
+            ino = self._names[src_name]
+            self._names[dst_name] = ino
+            self._add(Op("link", name=dst_name, ino=ino, dst=src_name))
+
     def _mkdir(self, path, mode=0o777, **kw):
         where, name = self._where(path)
         self._real["mkdir"](path, mode, **kw)
@@ -334,7 +351,7 @@ class _Replay:
             if op.kind not in DIR_OPS or i in lost:
                 continue
             ino = op.ino
-            if op.kind == "create":
+            if op.kind in ("create", "link"):
                 names[op.name] = ino
             elif op.kind == "rename":
                 if names.get(op.name) == ino:

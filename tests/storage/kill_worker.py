@@ -7,10 +7,20 @@ here: the zygote never runs a parallel torch op before forking (one intra-op thr
 
 A worker resumes the way a real run does (`select_resume_set`, load weights, optimizer and
 trainer state with `load_file`), then trains and saves forever: every update writes a progress
-tag and `latest` (weights, optimizers, trainer) in one `CheckpointWriter.save`.
+tag and `latest` (weights, optimizers, trainer) in one `CheckpointWriter.save`. Modes: `sync`,
+`async`; `retention` (sync, `keep_last: 2, keep_every_updates: 5`: every save deletes a set
+after it committed) and `budget` (sync, `max_bytes` only: once the folder is full every save
+evicts the oldest set before it is written; the very first save goes without the budget, whose
+estimate of files never written before is generous); in these two, half of the workers make every
+unlink a few ms slower, so kills land inside set deletes too.
+
+A mode `<sync|async>@<phase>` makes the worker stop at one point of its third save and say so,
+so the parent's kill lands exactly there: `staged` (temp files written and fsynced, no journal
+yet) or `committed` (the journal landed, no rename applied).
 
 Lines on stdout (one `os.write` each, so they never interleave):
-`zygote-ready`, `pid <pid>`, `saving <pid> <resumed update or -1>`, `exit <pid> <status>`.
+`zygote-ready`, `pid <pid>`, `saving <pid> <resumed update or -1>`, `paused <pid> <phase>`,
+`exit <pid> <status>`.
 """
 
 from __future__ import annotations
@@ -24,6 +34,7 @@ torch.set_num_threads(1)
 
 from ksuit.providers import PathProvider  # noqa: E402
 from ksuit.readers import select_resume_set  # noqa: E402
+from ksuit.retention import RetentionPolicy  # noqa: E402
 from ksuit.storage import load_file  # noqa: E402
 from ksuit.utils.training import TrainingIteration, UpdateCounter  # noqa: E402
 from ksuit.writers.checkpoint_writer import CheckpointWriter  # noqa: E402
@@ -34,6 +45,10 @@ RUN_ID = "run"
 ADAMW = {"kind": "torch.optim.AdamW", "lr": 1e-3}
 UPDATES_PER_EPOCH = 10
 BATCH = 4
+POLICIES = {
+    "retention": RetentionPolicy(keep_last=2, keep_every_updates=5),
+    "budget": RetentionPolicy(max_bytes="300KiB"),  # latest and about four progress sets
+}
 
 
 def emit(line: str) -> None:
@@ -90,10 +105,48 @@ def slow_metadata_disk(delay: float = 0.003) -> None:
     files.fsync_dir = staging.fsync_dir = recovery.fsync_dir = fsync_dir
 
 
+def pause_at(phase: str, on_save: int = 3) -> None:
+    """Blocks this worker forever at `phase` of its `on_save`-th save (after saying so)."""
+    import threading
+
+    import ksuit.storage.local.staging as staging
+
+    target = "write_file_atomic" if phase == "staged" else "_switch"
+    real = getattr(staging, target)
+    seen = [0]
+
+    def stop_then(*args, **kwargs):
+        seen[0] += 1
+        if seen[0] == on_save:
+            emit(f"paused {os.getpid()} {phase}")
+            threading.Event().wait()
+        return real(*args, **kwargs)
+
+    setattr(staging, target, stop_then)
+
+
+def slow_unlinks(delay: float = 0.004) -> None:
+    """Every unlink of this process takes a few ms longer (deletes of sets last longer)."""
+    import time
+
+    real_unlink = os.unlink
+
+    def unlink(path, *args, **kwargs):
+        real_unlink(path, *args, **kwargs)
+        time.sleep(delay)
+
+    os.unlink = unlink
+
+
 def work(run_root: str, mode: str, seed: int) -> None:
+    mode, _, phase = mode.partition("@")
+    if phase:
+        pause_at(phase)
     torch.manual_seed(seed)
     if seed % 2 == 0:
         slow_metadata_disk()
+    elif mode in POLICIES:
+        slow_unlinks()
     provider = PathProvider(run_root, RUN_ID)
     counter = UpdateCounter(None, TrainingIteration(update=10**9), UPDATES_PER_EPOCH, BATCH)
     model = make_model()
@@ -109,7 +162,8 @@ def work(run_root: str, mode: str, seed: int) -> None:
             leaf.optimizer.load_state_dict(load_file(chosen.file(name, "optim").path))
         trainer.load_state_dict(load_file(chosen.file(GROUP, "trainer").path))
         resumed = counter.update
-    writer = CheckpointWriter(provider, counter, async_save=(mode == "async"))
+    policy = POLICIES.get(mode) if chosen is not None or mode != "budget" else None
+    writer = CheckpointWriter(provider, counter, async_save=(mode == "async"), retention=policy)
     emit(f"saving {os.getpid()} {resumed}")
     for _ in range(1_000_000):
         x = torch.randn(BATCH, 16)
@@ -128,6 +182,8 @@ def work(run_root: str, mode: str, seed: int) -> None:
             save_latest_weights=True,
             save_latest_optim=True,
         )
+        if writer.retention is None and mode in POLICIES:
+            writer = CheckpointWriter(provider, counter, retention=POLICIES[mode])
 
 
 def warm_up() -> None:

@@ -10,10 +10,13 @@ the folder is complete and of one training iteration, resume picks a set that lo
 consistent, and progress never goes back past the last save that returned.
 
 Scenarios (the small composite model of `tests/conftest.py`: encoder and decoder weights and
-AdamW states plus a trainer file, progress tag and `latest` in every save): a sync save over an
-existing set, two async saves (`CheckpointWriter(async_save=True)`), and three consecutive sync
-saves from an empty folder (`latest` rewritten twice). The fast test checks a seeded sample of
-the states; the slow one checks them all. Run with `-s` to see the counts.
+AdamW states plus a trainer file, progress tag and `latest` in every save, the identical
+optimizer and trainer files of the two tags hard-linked): a sync save over an existing set, two
+async saves (`CheckpointWriter(async_save=True)`), three consecutive sync saves from an empty
+folder (`latest` rewritten twice), and a save under a retention policy (`keep_last: 1`) that
+deletes the previous progress set after committing (the journaled delete). Every state must
+also hold no checkpoint file that no manifest lists (what `ksuit verify` would report). The
+fast test checks a seeded sample of the states; the slow one checks them all. Run with `-s` to see the counts.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import ksuit
 import ksuit.storage.local.staging as staging
 import ksuit.storage.sets as transaction
 from ksuit.providers import PathProvider
+from ksuit.retention import RetentionPolicy
 from ksuit.storage import LocalBackend
 from ksuit.utils.training import TrainingIteration, UpdateCounter
 from ksuit.writers.checkpoint_writer import CheckpointWriter
@@ -49,7 +53,7 @@ SRC = Path(ksuit.__file__).resolve().parents[1]  # the worker checks the code un
 class Run:
     """A run of the small composite model whose saves can be recorded."""
 
-    def __init__(self, root: Path, async_save: bool = False):
+    def __init__(self, root: Path, async_save: bool = False, retention: RetentionPolicy | None = None):
         self.provider = PathProvider(root, "run")
         self.folder = self.provider.checkpoint_path
         LocalBackend(self.folder).ensure_folder()  # recorded saves start in an existing folder
@@ -57,7 +61,9 @@ class Run:
             None, TrainingIteration(epoch=30), updates_per_epoch=20, effective_batch_size=4
         )
         self.model = Autoencoder(autoencoder_config()).initialize()
-        self.writer = CheckpointWriter(self.provider, self.counter, async_save=async_save)
+        self.writer = CheckpointWriter(
+            self.provider, self.counter, async_save=async_save, retention=retention
+        )
 
     def save(self) -> int:
         """One update (one optimizer step per submodel), then a save of a progress tag and latest."""
@@ -112,10 +118,20 @@ def latest_rewrites(root: Path, monkeypatch: pytest.MonkeyPatch) -> Recording:
     return record(Run(root), None, 3, monkeypatch)
 
 
+def retention_delete(root: Path, monkeypatch: pytest.MonkeyPatch) -> Recording:
+    """Two saves before recording (so the recorded one deletes a set, not the first save), then
+    one recorded save: its commit, then the delete of the progress set it replaces."""
+    run = Run(root, retention=RetentionPolicy(keep_last=1))
+    run.save()
+    first = run.save()
+    return record(run, {"update": first}, 1, monkeypatch)
+
+
 SCENARIOS: dict[str, Callable[[Path, pytest.MonkeyPatch], Recording]] = {
     "sync save": sync_save,
     "async saves": async_saves,
     "latest rewrites": latest_rewrites,
+    "retention delete": retention_delete,
 }
 
 
@@ -252,3 +268,17 @@ def test_each_defense_alone_prevents_torn_sets(tmp_path, monkeypatch, staging_fs
     assert torn_found == torn, summary(result)
     if not torn:
         assert not result["failures"], summary(result)
+
+
+@pytest.mark.slow
+def test_a_delete_without_its_journal_leaves_files_no_manifest_lists(tmp_path, monkeypatch):
+    """A mutation: sets deleted manifest first, then files, without a journal (the Backend
+    interface's default): a crash between the two leaves files `ksuit verify` reports, and the
+    check finds them (so it can); the journaled delete above leaves none."""
+    from ksuit.storage.backend import Backend
+
+    monkeypatch.setattr(LocalBackend, "delete_set", Backend.delete_set)
+    result = check_states({"retention delete": retention_delete(tmp_path / "run", monkeypatch)}, 4, tmp_path)
+    print("\n" + summary(result))
+    orphans = [v for vs in result["failures"].values() for v in vs if "files no manifest lists" in v]
+    assert orphans, summary(result)

@@ -107,21 +107,29 @@ def test_free_space_check_refuses_a_save_that_cannot_fit(saved_run):
     assert_old_set_intact(provider, before)
 
 
+def fill_after_the_check(monkeypatch, filler, leave: int, check_first: bool) -> None:
+    """Another writer takes the disk right after the free-space check: a filler file leaves
+    `leave` bytes free (`check_first`: the real check runs before, and passes)."""
+    real_check = transaction.check_free_space
+
+    def check_then_fill(where, needed, what=None):
+        if check_first:
+            real_check(where, needed, what)
+        free = os.statvfs(where).f_bavail * os.statvfs(where).f_frsize
+        with open(filler, "wb") as f:
+            f.write(b"\0" * max(0, free - leave))
+
+    monkeypatch.setattr(transaction, "check_free_space", check_then_fill)
+
+
 def test_disk_filling_up_during_the_write(saved_run, monkeypatch):
     """The check passes, then another writer takes the space: the write itself hits ENOSPC."""
     provider, counter, writer = saved_run
     folder = provider.checkpoint_path
     before = snapshot(folder)
     filler = folder.parent / "filler.bin"
-    real_check = transaction.check_free_space
-
-    def check_then_fill(where, needed, what=None):
-        real_check(where, needed, what)
-        free = os.statvfs(where).f_bavail * os.statvfs(where).f_frsize
-        with open(filler, "wb") as f:  # leave ~1 MiB: the 4 MiB state starts but cannot finish
-            f.write(b"\0" * max(0, free - MIB))
-
-    monkeypatch.setattr(transaction, "check_free_space", check_then_fill)
+    # leave ~1 MiB after the check passed: the 4 MiB state starts but cannot finish
+    fill_after_the_check(monkeypatch, filler, leave=MIB, check_first=True)
     counter.next_update()
     with pytest.raises(OSError) as info:
         writer.save_model_checkpoint("big_cp=E0_U2_S0_model.th", big_state(4 * MIB), "E0_U2_S0")
@@ -138,13 +146,8 @@ def test_disk_filling_up_during_a_multi_file_save(saved_run, monkeypatch):
     folder = provider.checkpoint_path
     before = snapshot(folder)
     filler = folder.parent / "filler.bin"
-
-    def fill(where, needed, what=None):
-        free = os.statvfs(where).f_bavail * os.statvfs(where).f_frsize
-        with open(filler, "wb") as f:
-            f.write(b"\0" * max(0, free - 40 * 1024))  # room for a few files of the set, not all
-
-    monkeypatch.setattr(transaction, "check_free_space", fill)
+    # room for a few files of the set, not all (the check itself is skipped)
+    fill_after_the_check(monkeypatch, filler, leave=40 * 1024, check_first=False)
     model = Autoencoder(autoencoder_config()).initialize()
     train_one_step(model)
     counter.next_update()

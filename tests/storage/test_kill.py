@@ -21,7 +21,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from typer.testing import CliRunner
 
+from ksuit.cli import app
 from ksuit.layout import is_journal_filename, is_temp_filename
 from ksuit.readers import scan_sets, select_resume_set
 from ksuit.storage.manifest import verify_file
@@ -84,8 +86,9 @@ class Checker:
     """Verifies the run folder after each kill; files already verified unchanged are skipped
     (same inode, size and mtime), so the cost stays linear in what was written."""
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, verify: bool = False):
         self.run_dir = run_dir
+        self.verify = verify  # also run `ksuit verify` after each kill
         self.folder = run_dir / "checkpoints"
         self.loaded: set[tuple] = set()
         self.hashed: set[tuple] = set()
@@ -106,6 +109,8 @@ class Checker:
 
     def phase(self) -> str:
         names = os.listdir(self.folder) if self.folder.is_dir() else []
+        if any(is_journal_filename(n) and b'"delete"' in (self.folder / n).read_bytes() for n in names):
+            return "deleting a set (delete journal present)"
         if any(is_journal_filename(n) for n in names):
             if any(is_temp_filename(n) for n in names):
                 return "committed, between renames (journal and temps present)"
@@ -156,12 +161,17 @@ class Checker:
         assert trainer["training_iteration"] == expected
         for entry in chosen.manifest.files.values():
             assert entry.training_iteration == expected
+        if self.verify:
+            result = CliRunner().invoke(app, ["verify", str(self.run_dir)])
+            assert result.exit_code == 0, result.output
 
 
-def run_kills(tmp_path: Path, mode: str, kills: int, max_delay: float, seed: int) -> Checker:
+def run_kills(
+    tmp_path: Path, mode: str, kills: int, max_delay: float, seed: int, verify: bool = False
+) -> Checker:
     rng = random.Random(seed)
     run_dir = tmp_path / mode / "run"
-    checker = Checker(run_dir)
+    checker = Checker(run_dir, verify)
     zygote = Zygote(tmp_path / mode)
     survived = early_kills = 0
     try:
@@ -191,18 +201,55 @@ def run_kills(tmp_path: Path, mode: str, kills: int, max_delay: float, seed: int
     return checker
 
 
+def kill_at_phases(tmp_path: Path, mode: str, phases: list[str]) -> Checker:
+    """One kill at each named point of a save (see kill_worker.py), each checked like the
+    random kills: the random instants cover the breadth, these make sure both sides of the
+    commit point are always among them."""
+    run_dir = tmp_path / f"{mode}-phases" / "run"
+    checker = Checker(run_dir)
+    zygote = Zygote(tmp_path / f"{mode}-phases")
+    try:
+        for i, phase in enumerate(phases):
+            pid = zygote.spawn(f"{mode}@{phase}", 100 + i)
+            zygote.expect("saving")
+            assert zygote.expect("paused") == [str(pid), phase]
+            os.kill(pid, signal.SIGKILL)
+            assert zygote.readline(60).startswith(f"exit {pid} ")
+            checker.check()
+    finally:
+        zygote.close()
+    return checker
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_sigkill_during_sync_saves_leaves_a_consistent_resumable_run(tmp_path):
     checker = run_kills(tmp_path, "sync", kills=60, max_delay=0.25, seed=1)
     assert checker.last_update > 0, "no save ever completed: the delays are too short to test anything"
-    # kills landed both before and after the commit point of a set switch
-    assert checker.phases.get("staging (temp files, no journal)", 0) > 0, checker.phases
-    assert sum(n for p, n in checker.phases.items() if p.startswith("committed")) > 0, checker.phases
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_sigkill_before_and_after_the_commit_point(tmp_path, mode):
+    checker = kill_at_phases(tmp_path, mode, ["staged", "committed", "staged", "committed"])
+    assert checker.phases.get("staging (temp files, no journal)", 0) == 2, checker.phases
+    assert sum(n for p, n in checker.phases.items() if p.startswith("committed")) == 2, checker.phases
+    assert checker.last_update > 0
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_sigkill_during_async_saves_leaves_a_consistent_resumable_run(tmp_path):
     checker = run_kills(tmp_path, "async", kills=25, max_delay=0.25, seed=2)
+    assert checker.last_update > 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize(("mode", "seed"), [("retention", 3), ("budget", 4)])
+def test_sigkill_during_retention_deletes_leaves_a_verified_resumable_run(tmp_path, mode, seed):
+    """Every save deletes a set after committing (`retention`) or evicts one before writing
+    (`budget`): after each of 18 kills per mode `ksuit verify` passes, no journal or temporary
+    file is left, and resume picks the set it picked before the kill or a newer one."""
+    checker = run_kills(tmp_path, mode, kills=18, max_delay=0.4, seed=seed, verify=True)
     assert checker.last_update > 0

@@ -195,7 +195,7 @@ def test_state_dict_shape_and_weights_only(tmp_path):
     assert on_disk["training_iteration"] == state["training_iteration"]
 
 
-def test_load_state_dict_names_mismatched_callbacks_and_world_size(tmp_path):
+def test_load_state_dict_names_mismatched_callbacks_and_resumes_elastically(tmp_path):
     prepared = tiny(tmp_path, "trainer.max_epochs=1")
     run(prepared)
     state = prepared.trainer.state_dict()
@@ -212,10 +212,11 @@ def test_load_state_dict_names_mismatched_callbacks_and_world_size(tmp_path):
         rng={"world_size": 2, "ranks": state["rng"]["ranks"] * 2},
         data=dict(state["data"], world_size=2),
     )
-    with pytest.raises(
-        ValueError, match=r"written by 2 process\(es\) but this run has 1.*--nproc_per_node=2"
-    ):
-        prepared.trainer.load_state_dict(two_ranks)
+    # another world size is an elastic resume: the RNG is re-derived, and the change recorded
+    prepared.trainer.load_state_dict(two_ranks)
+    event = prepared.trainer.elastic_events[-1]
+    assert (event["from_world_size"], event["world_size"]) == (2, 1)
+    assert prepared.trainer.state_dict()["elastic"][-1] == event
     with pytest.raises(ValueError, match="effective_batch_size=16"):
         prepared.trainer.load_state_dict(dict(state, data=dict(state["data"], effective_batch_size=16)))
 

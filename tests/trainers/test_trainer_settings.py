@@ -11,7 +11,7 @@ from ksuit.schemas.run import ConfigError, TrainerConfig, load_run_config
 from ksuit.trainers import BaseTrainer, TrainerSettings
 
 TINY = Path(__file__).parents[1] / "e2e" / "tiny_autoencoder.yaml"
-NOT_SETTINGS = {"self", "path_provider", "callbacks", "progress"}
+NOT_SETTINGS = {"self", "path_provider", "callbacks", "progress", "retention"}
 
 
 def test_the_signature_and_the_config_have_exactly_the_settings():
@@ -84,3 +84,11 @@ def test_bad_arguments_are_a_value_error_naming_the_setting(tmp_path, change, me
 def test_the_config_applies_the_same_rules(override, message):
     with pytest.raises(ConfigError, match=message):
         load_run_config(TINY, [override])
+
+
+def test_a_global_batch_the_processes_cannot_share_says_which_counts_can(tmp_path):
+    from ksuit.trainers.loader import batch_error
+
+    message = batch_error(12, 5, 1)
+    assert "world size 5" in message and "divides 12 (1, 2, 3, 4, 6, 12)" in message
+    assert "choose accumulation_steps that divides" in batch_error(12, 2, 5)

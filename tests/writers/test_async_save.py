@@ -418,8 +418,8 @@ def test_a_save_failing_at_interpreter_exit_ends_the_process_with_an_error(tmp_p
     proc = _run_script(_FAILING_EXIT_SCRIPT.format(out=str(out)))
     assert "returned" in proc.stdout, proc.stderr
     assert proc.returncode == 1, proc.stderr
-    assert "simulated I/O error at exit" in proc.stderr
-    assert "not on disk" in proc.stderr and str(out / "a" / "checkpoints") in proc.stderr
+    assert "simulated I/O error at exit" in proc.stderr, proc.stderr
+    assert "not on disk" in proc.stderr and str(out / "a" / "checkpoints") in proc.stderr, proc.stderr
     assert not (out / "a" / "checkpoints" / "net_cp=E0_U0_S0_model.th").exists()
     payload = torch.load(out / "b" / "checkpoints" / "net_cp=E0_U0_S0_model.th", weights_only=True)
     assert torch.equal(payload["state_dict"]["w"], torch.full((8,), 1.0))

@@ -48,6 +48,8 @@ def test_every_file_loads_without_ksuit(path_provider, update_counter):
     )
     files = sorted(str(p) for p in path_provider.checkpoint_path.iterdir() if p.name.endswith(".th"))
     assert len(files) == 11
+    # the progress tag's and latest's optimizer and trainer files are hard links: 3 pairs
+    assert len({(p.stat().st_ino) for p in map(__import__("pathlib").Path, files)}) == 8
     result = subprocess.run(
         [sys.executable, "-I", "-c", LOADER, *files], capture_output=True, text=True, timeout=120
     )

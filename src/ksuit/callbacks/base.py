@@ -131,8 +131,14 @@ class PeriodicCallback(Callback):
         self, start_update: int, end_update: int, updates_per_epoch: int, effective_batch_size: int
     ) -> int:
         """How many times `invoke` runs for updates `start_update + 1 .. end_update`."""
-        return sum(
-            1
+        return len(self.updates_between(start_update, end_update, updates_per_epoch, effective_batch_size))
+
+    def updates_between(
+        self, start_update: int, end_update: int, updates_per_epoch: int, effective_batch_size: int
+    ) -> list[int]:
+        """The updates among `start_update + 1 .. end_update` after which `invoke` runs."""
+        return [
+            u
             for u in range(start_update + 1, end_update + 1)
             if (
                 self.every_n_epochs is not None
@@ -145,7 +151,7 @@ class PeriodicCallback(Callback):
                 and u * effective_batch_size // self.every_n_samples
                 > (u - 1) * effective_batch_size // self.every_n_samples
             )
-        )
+        ]
 
     def after_update(self, trainer: BaseTrainer) -> None:
         if self.is_due(trainer):

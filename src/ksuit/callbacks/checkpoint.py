@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Sequence
@@ -10,6 +11,8 @@ from typing import TYPE_CHECKING, Any
 from ksuit.callbacks.base import PeriodicCallback
 from ksuit.layout import LAST, LATEST, validate_tag
 from ksuit.models.selection import select_leaves
+from ksuit.retention import RetentionPolicy
+from ksuit.retention.estimate import kept_at_most
 from ksuit.utils.units import human_bytes
 from ksuit.writers import SaveSpec
 
@@ -38,7 +41,7 @@ def optimizer_nbytes(leaf: ModelBase) -> int:
             t.numel() * t.element_size() for s in state.values() for t in s.values() if hasattr(t, "numel")
         )
     params: int = sum(p.numel() * p.element_size() for g in optim.param_groups for p in g["params"])
-    kind = optim.config.kind.lower()
+    kind = type(optim.torch_optim).__name__.lower()  # also for optimizers built by the caller
     if "sgd" in kind:
         return params if optim.param_groups[0].get("momentum", 0) else 0
     return 2 * params
@@ -52,8 +55,12 @@ class CheckpointCallback(PeriodicCallback):
     `save_latest_optim` ask; when only `latest` files are asked for, it saves under `latest`
     alone. A trainer file (counter, callbacks, RNG) goes with every save that writes optimizer
     state, since only such sets can be resumed. `model_names` restricts the save to submodels
-    (key paths such as `encoder`, or full names). Before training it logs an estimate of the
-    disk the run's checkpoints will take.
+    (key paths such as `encoder`, or full names). `last` is written after training, in the same
+    save as the final periodic one when that falls on the last update (so identical files are
+    written once). `retention` (`ksuit.retention.RetentionPolicy`, or its YAML mapping) governs
+    the run's checkpoint folder (set it once: here or at the top of the run config). Before
+    training it logs the most disk the run's checkpoints will take under that policy, and warns
+    when that is more than the disk has free.
     """
 
     order = 20
@@ -72,6 +79,7 @@ class CheckpointCallback(PeriodicCallback):
         every_n_updates: int | None = None,
         every_n_samples: int | None = None,
         name: str | None = None,
+        retention: RetentionPolicy | None = None,
     ):
         super().__init__(every_n_epochs, every_n_updates, every_n_samples, name=name)
         if not (save_weights or save_optim or save_latest_weights or save_latest_optim):
@@ -88,7 +96,11 @@ class CheckpointCallback(PeriodicCallback):
             save_frozen_weights=save_frozen_weights,
         )
         self.save_last = save_last
+        if retention is not None and not isinstance(retention, RetentionPolicy):
+            retention = RetentionPolicy.model_validate(retention)
+        self.retention = retention
         self.estimated_bytes: int | None = None
+        self._last_at: int | None = None  # the update `last` was written at by invoke()
 
     @property
     def model_names(self) -> list[str] | None:
@@ -101,15 +113,16 @@ class CheckpointCallback(PeriodicCallback):
         return self.spec.resumable
 
     def invoke(self, trainer: BaseTrainer) -> None:
-        if self.spec.writes_progress:
-            trainer.save_checkpoint(
-                str(trainer.update_counter.cur_iteration), self.spec, include_trainer=self.resumable
-            )
-        else:
-            trainer.save_checkpoint(LATEST, self.spec.latest_only(), include_trainer=self.resumable)
+        counter = trainer.update_counter
+        spec = self.spec if self.spec.writes_progress else self.spec.latest_only()
+        if self.save_last and counter.is_finished:  # the end: `last` joins this save
+            spec = dataclasses.replace(spec, save_last=True)
+            self._last_at = counter.update
+        tag = str(counter.cur_iteration) if self.spec.writes_progress else LATEST
+        trainer.save_checkpoint(tag, spec, include_trainer=self.resumable)
 
     def after_training(self, trainer: BaseTrainer) -> None:
-        if self.save_last:
+        if self.save_last and self._last_at != trainer.update_counter.update:
             trainer.save_checkpoint(LAST, self.spec.merged(), include_trainer=self.resumable)
 
     def before_training(self, trainer: BaseTrainer) -> None:
@@ -117,7 +130,8 @@ class CheckpointCallback(PeriodicCallback):
         self.estimated_bytes = self.estimate_bytes(trainer, leaves)
 
     def estimate_bytes(self, trainer: BaseTrainer, leaves: Sequence[tuple[str, ModelBase]]) -> int:
-        """Disk the files of this callback will take by the end of the run (logged on rank 0)."""
+        """The most disk the files of this callback will take during the run, under the run's
+        retention policy (logged on rank 0, with a warning when the disk has less free)."""
         spec = self.spec
         if not spec.save_frozen_weights:
             leaves = [(n, leaf) for n, leaf in leaves if not leaf.is_frozen]
@@ -125,36 +139,77 @@ class CheckpointCallback(PeriodicCallback):
         optim = sum(optimizer_nbytes(leaf) for _, leaf in leaves)
         trainer_file = TRAINER_FILE_BYTES * trainer.world_size if self.resumable else 0
         counter = trainer.update_counter
-        saves = self.invocations_between(
-            counter.update,
-            counter.end_update,
-            trainer.updates_per_epoch,
-            trainer.effective_batch_size,
+        updates = self.updates_between(
+            counter.update, counter.end_update, trainer.updates_per_epoch, trainer.effective_batch_size
         )
+        saves = len(updates)
+        policy = trainer.checkpoint_writer.retention
         per_save = weights * spec.save_weights + optim * spec.save_optim
-        periodic = saves * (per_save + trainer_file) if per_save else 0
+        kept = saves
+        if policy is not None and per_save:
+            iterations = [
+                (u // trainer.updates_per_epoch, u, u * trainer.effective_batch_size) for u in updates
+            ]
+            kept = kept_at_most(policy, iterations)
+        periodic = kept * (per_save + trainer_file) if per_save else 0
         latest = weights * spec.save_latest_weights + optim * spec.save_latest_optim
         latest = latest + trainer_file if latest and saves else 0
         last = 0
-        if self.save_last:
-            last = weights * spec.merged().save_weights + optim * spec.merged().save_optim + trainer_file
-        total = periodic + latest + last
-        if trainer.rank == 0:
-            parts = []
-            if periodic:
-                parts.append(f"{saves} progress saves of {human_bytes(per_save + trainer_file)}")
-            if latest:
-                parts.append(f"'latest' {human_bytes(latest)} (overwritten; twice that while it is replaced)")
-            if last:
-                parts.append(f"'last' {human_bytes(last)}")
-            logger.info(
-                "checkpoints of '%s' (%s): %s; about %s on disk by the end of training",
-                self.name,
-                ", ".join(n for n, _ in leaves),
-                "; ".join(parts) or "nothing to save",
-                human_bytes(total),
+        if self.save_last:  # its optimizer and trainer files are links of latest's when both exist
+            shared = (optim * spec.save_latest_optim + trainer_file) if latest else 0
+            last = (
+                weights * spec.merged().save_weights
+                + optim * spec.merged().save_optim
+                + trainer_file
+                - shared
             )
+        total = periodic + latest + last
+        if policy is not None and policy.max_bytes is not None:
+            total = min(total, policy.max_bytes)
+        if trainer.rank == 0:
+            each = per_save + trainer_file if per_save else 0
+            self._log_estimate(trainer, leaves, saves, kept, each, latest, last, total)
         return total
+
+    def _log_estimate(
+        self,
+        trainer: BaseTrainer,
+        leaves: Sequence[tuple[str, ModelBase]],
+        saves: int,
+        kept: int,
+        per_save: int,
+        latest: int,
+        last: int,
+        total: int,
+    ) -> None:
+        policy = trainer.checkpoint_writer.retention
+        parts = []
+        if saves and per_save:
+            held = f", at most {kept} kept at once" if kept < saves else ""
+            parts.append(f"{saves} progress saves of {human_bytes(per_save)}{held}")
+        if latest:
+            parts.append(f"'latest' {human_bytes(latest)} (overwritten; twice that while it is replaced)")
+        if last:
+            parts.append(f"'last' {human_bytes(last)}")
+        rule = f" under retention ({policy.describe()})" if policy is not None else ""
+        logger.info(
+            "checkpoints of '%s' (%s): %s; at most %s on disk%s",
+            self.name,
+            ", ".join(n for n, _ in leaves),
+            "; ".join(parts) or "nothing to save",
+            human_bytes(total),
+            rule,
+        )
+        free = trainer.checkpoint_writer.free_bytes()
+        if free is not None and total > free:
+            logger.warning(
+                "checkpoints of '%s' may take %s but the disk of %s has %s free: set a retention "
+                "policy (retention: keep_last, max_bytes, ...), save less, or free disk space",
+                self.name,
+                human_bytes(total),
+                trainer.path_provider.checkpoint_path,
+                human_bytes(free),
+            )
 
 
 class BestCheckpointCallback(PeriodicCallback):

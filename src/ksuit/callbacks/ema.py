@@ -16,10 +16,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ksuit.callbacks.base import PeriodicCallback
-from ksuit.layout import LAST, LATEST, CheckpointName, checkpoint_filename, format_info
+from ksuit.layout import LAST, LATEST, SHARDED_FORMAT, CheckpointName, checkpoint_filename, format_info
 from ksuit.models.selection import select_leaves
+from ksuit.models.sharding import is_sharded
 from ksuit.readers import scan_sets
-from ksuit.storage import load_file
+from ksuit.readers.leaf_loading import load_state_like
 
 if TYPE_CHECKING:
     from ksuit.models import Model
@@ -155,9 +156,11 @@ class EmaCallback(PeriodicCallback):
         self._saved.add(key)
         writer = trainer.checkpoint_writer
         for name, leaf in self.leaves:
+            # a sharded leaf's averages are DTensors too: every rank writes its shards
+            fmt = SHARDED_FORMAT if is_sharded(leaf) else writer.format
             for f in self.target_factors:
                 writer.save_model_checkpoint(
-                    self.filename(name, f, tag, fmt=writer.format),
+                    self.filename(name, f, tag, fmt=fmt),
                     self.ema[(name, f)],
                     tag,
                     model_config=leaf.model_config,
@@ -189,10 +192,10 @@ class EmaCallback(PeriodicCallback):
                         chosen.training_iteration,
                         point.training_iteration,
                     )
-                # `.th` or `.safetensors`: the format of the run that wrote it
+                # `.th`, `.safetensors` or a sharded folder: the format of the run that wrote it
                 info = next(i for i in chosen.files.values() if i.role == "model")
-                state = load_file(info.path)["state_dict"]
                 target = self.ema[(name, f)]
+                state = load_state_like(target, info.path)
                 if set(state) != set(target):
                     raise ValueError(
                         f"EMA file {info.path} does not fit {name}: "

@@ -59,7 +59,7 @@ def exit_on_errors() -> Iterator[None]:
         yield
     except (CorruptCheckpointError, UnsafeCheckpointError) as e:
         raise fail(first_line(e), EXIT_BAD_CHECKPOINT) from None
-    except (*USAGE_ERRORS, ValueError, TypeError) as e:
+    except (*USAGE_ERRORS, ValueError, TypeError, ImportError) as e:
         raise fail(first_line(e), EXIT_USAGE) from None
-    except OSError as e:
+    except OSError as e:  # e.g. StoreAccessError, StoreUnavailableError: the message names the URL
         raise fail(f"{e.filename or ''} {e.strerror or e}".strip(), EXIT_USAGE) from None

@@ -15,6 +15,8 @@ from rich.logging import RichHandler
 from rich.markup import escape
 
 from ksuit.cli.output import EXIT_BAD_CHECKPOINT, EXIT_USAGE, fail
+from ksuit.cli.storage_options import storage_option_args
+from ksuit.storage.errors import StoreAccessError
 
 _SPEC = re.compile(r"^(epoch|update|sample)=\d+$")
 
@@ -64,9 +66,10 @@ def _setup_logging(verbose: bool, rank: int) -> Console:
     return console
 
 
-def resume_command(config: Path, overrides: list[str], output: Path, run_id: str) -> str:
+def resume_command(config: Path, overrides: list[str], output: str, run_id: str) -> str:
     """The command line that continues this run (under torchrun, with the same world size)."""
     args = ["train", str(config), *overrides, "--output", str(output), "--run-id", run_id, "--resume"]
+    args = [*storage_option_args(), *args]
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
         nproc = int(os.environ.get("LOCAL_WORLD_SIZE", world))
@@ -84,9 +87,12 @@ def train_command(
             "callbacks.0.every_n_epochs=2"
         ),
     ] = None,
-    output: Annotated[Path, typer.Option("--output", "-o", help="Folder that holds the runs.")] = Path(
-        "runs"
-    ),
+    output: Annotated[
+        str,
+        typer.Option(
+            "--output", "-o", help="Folder that holds the runs: a path or a URL such as s3://bucket/runs."
+        ),
+    ] = "runs",
     run_id: Annotated[
         str | None, typer.Option("--run-id", help="Run folder name (default: generated).")
     ] = None,
@@ -115,7 +121,7 @@ def train_command(
     try:
         run_config = load_run_config(config, overrides)
         prepared = prepare_run(run_config, output, run_id, resume=resume, resume_from=tag, progress=progress)
-    except (ConfigError, FileNotFoundError, FileExistsError) as e:
+    except (ConfigError, FileNotFoundError, FileExistsError, StoreAccessError, ImportError) as e:
         raise fail(str(e), EXIT_USAGE) from None
     run_id = prepared.path_provider.run_id
     try:

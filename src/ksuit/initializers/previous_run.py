@@ -12,8 +12,11 @@ from typing import TYPE_CHECKING, Any
 from ksuit.initializers.base import Initializer, describe_spec, parse_checkpoint_spec
 from ksuit.layout import LATEST, format_info
 from ksuit.models.selection import select_leaves
+from ksuit.models.sharding import is_sharded
 from ksuit.readers import CheckpointInfo, list_checkpoints, load_model_payload
+from ksuit.readers.leaf_loading import place_like
 from ksuit.readers.listing import checkpoint_folder, read_folder
+from ksuit.storage.locations import is_url
 from ksuit.utils.training import TrainingIteration
 
 if TYPE_CHECKING:
@@ -93,7 +96,7 @@ class PreviousRunInitializer(Initializer):
         patterns_to_rename: Any = None,
         strict: bool = True,
     ):
-        self.run_dir = Path(run_dir)
+        self.run_dir = run_dir if is_url(run_dir) else Path(run_dir)
         spec = parse_checkpoint_spec(checkpoint)
         if spec is None:
             raise ValueError(
@@ -160,6 +163,8 @@ class PreviousRunInitializer(Initializer):
             state = transform_state_dict(
                 load_model_payload(info.path)["state_dict"], self.keys_to_remove, self.patterns_to_rename
             )
+            if is_sharded(leaf):  # a file or a consolidated sharded folder, into this rank's shards
+                state = place_like(state, leaf.state_dict())
             result = leaf.load_state_dict(state, strict=False)
             if self.strict and (result.missing_keys or result.unexpected_keys):
                 raise ValueError(

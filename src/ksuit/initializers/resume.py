@@ -9,11 +9,15 @@ from typing import TYPE_CHECKING, Any
 from ksuit.initializers.base import Initializer, describe_spec, parse_checkpoint_spec
 from ksuit.readers import (
     CheckpointSet,
+    LoadedSet,
     ResumePoint,
     find_checkpoint_dir,
     load_resume_set,
     select_resume_set,
 )
+from ksuit.readers.leaf_loading import load_leaf_optimizer, load_leaf_weights
+from ksuit.storage.locations import is_url
+from ksuit.utils.training import TrainingIteration
 
 if TYPE_CHECKING:
     from ksuit.trainers.base import BaseTrainer
@@ -33,10 +37,20 @@ class ResumeInitializer(Initializer):
             their manifest and that hold the trainer file, every weights file and every optimizer
             state are used; the others are skipped and logged with the reason.
         strict: refuse callback states that do not match the run's callbacks by name.
+        mirror: the run folder of a replicated copy (`trainer.checkpoint_mirror`, e.g.
+            `s3://bucket/runs/<run_id>`): the newest usable set of either copy is taken (the
+            local one on a tie), so a machine without the local folder resumes from the mirror.
     """
 
-    def __init__(self, run_dir: str | Path, checkpoint: Any = None, strict: bool = True):
-        self.run_dir = Path(run_dir)
+    def __init__(
+        self,
+        run_dir: str | Path,
+        checkpoint: Any = None,
+        strict: bool = True,
+        mirror: str | Path | None = None,
+    ):
+        self.run_dir = run_dir if is_url(run_dir) else Path(run_dir)
+        self.mirror = None if mirror is None else (mirror if is_url(mirror) else Path(mirror))
         self.checkpoint = parse_checkpoint_spec(checkpoint)
         self.strict = strict
         self.chosen: CheckpointSet | None = None
@@ -53,11 +67,26 @@ class ResumeInitializer(Initializer):
 
     def select(self, trainer: BaseTrainer) -> CheckpointSet:
         """The set a resume would start from (every file checked against its manifest), without
-        loading it; `apply` chooses the same set and loads it in the same pass."""
-        folder = find_checkpoint_dir(self.run_dir)
-        chosen, skipped = select_resume_set(
-            folder, trainer.model.name, self.checkpoint, self.required_files(trainer)
-        )
+        loading it: the newest usable set of the run folder or of the mirror (the local one on a
+        tie); `apply` chooses the same set."""
+        found: list[tuple[CheckpointSet, list[tuple[str, str]]]] = []
+        errors: list[OSError] = []
+        for where in [self.run_dir] + ([self.mirror] if self.mirror is not None else []):
+            try:
+                folder = find_checkpoint_dir(where)
+                found.append(
+                    select_resume_set(
+                        folder, trainer.model.name, self.checkpoint, self.required_files(trainer)
+                    )
+                )
+            except (FileNotFoundError, NotADirectoryError) as e:
+                errors.append(e)
+        if not found:
+            if len(errors) > 1:
+                raise FileNotFoundError("; ".join(str(e) for e in errors)) from errors[0]
+            raise errors[0]
+        # the newest of the copies; on a tie the first (local) one
+        chosen, skipped = max(found, key=lambda f: _iteration_key(f[0].training_iteration))
         self._chose(trainer, chosen, skipped)
         return chosen
 
@@ -74,43 +103,53 @@ class ResumeInitializer(Initializer):
                 describe_spec(self.checkpoint),
             )
 
-    def apply(self, trainer: BaseTrainer) -> None:
-        """Chooses the set and loads it in one pass (`ksuit.readers.load_resume_set`: each file
-        read once, checked against its manifest from the bytes loaded), then restores the model,
-        the optimizers and the trainer from it."""
+    def _load(self, trainer: BaseTrainer) -> LoadedSet:
+        """The chosen set with its files loaded in one pass (`ksuit.readers.load_resume_set`:
+        each file read once, checked against its manifest from the bytes loaded). With a mirror,
+        the copy holding the newest usable set is found first (`select`), then that set is loaded
+        from it in the same way."""
         group = trainer.model.name
         wanted = [(group, "trainer")]
         for name, leaf in trainer.model.iter_leaves():
             wanted.append((name, "model"))
             if leaf.optimizer is not None:
                 wanted.append((name, "optim"))
-        loaded = load_resume_set(
-            find_checkpoint_dir(self.run_dir), group, self.checkpoint, self.required_files(trainer), wanted
-        )
+        required = self.required_files(trainer)
+        if self.mirror is None:
+            loaded = load_resume_set(
+                find_checkpoint_dir(self.run_dir), group, self.checkpoint, required, wanted
+            )
+            self._chose(trainer, loaded.chosen, loaded.skipped)
+            return loaded
+        chosen = self.select(trainer)
+        loaded = load_resume_set(chosen.folder, group, chosen.tag, required, wanted)
+        self.chosen = loaded.chosen
+        return loaded
+
+    def apply(self, trainer: BaseTrainer) -> None:
+        """Chooses the set, loads it, and restores the model, the optimizers and the trainer
+        from it. A sharded checkpoint folder is loaded resharded for this run's ranks."""
+        loaded = self._load(trainer)
         chosen, payloads = loaded.chosen, loaded.payloads
-        self._chose(trainer, chosen, loaded.skipped)
         for name, leaf in trainer.model.iter_leaves():
-            weights = payloads.get((name, "model"))
+            weights = chosen.file(name, "model")
             if weights is None:
                 logger.warning(
                     "no weights of frozen %s in '%s'; it keeps its current weights", name, chosen.tag
                 )
-            else:
-                leaf.load_state_dict(_weights_of(weights, chosen, name))
+            else:  # a file (loaded above) or a sharded folder, resharded
+                load_leaf_weights(leaf, weights.path, payloads.get((name, "model")))
             if leaf.optimizer is not None:
-                # select returns only sets with every required file
-                leaf.optimizer.load_state_dict(payloads[(name, "optim")])
-        trainer.load_state_dict(payloads[(group, "trainer")], strict=self.strict)
+                optim = chosen.file(name, "optim")
+                assert optim is not None  # only sets with every required file are chosen
+                load_leaf_optimizer(leaf, optim.path, payloads.get((name, "optim")))
+        trainer.load_state_dict(payloads[(trainer.model.name, "trainer")], strict=self.strict)
         trainer.resumed_from = ResumePoint(
             chosen.folder.ref, chosen.tag, trainer.update_counter.cur_iteration.copy()
         )
 
 
-def _weights_of(payload: Any, chosen: CheckpointSet, name: str) -> Any:
-    if not isinstance(payload, dict) or "state_dict" not in payload:
-        info = chosen.file(name, "model")
-        raise ValueError(
-            f"{info.path if info else name} is not a ksuit weights file (no 'state_dict' key); "
-            "the set cannot be resumed from"
-        )
-    return payload["state_dict"]
+def _iteration_key(it: TrainingIteration | None) -> tuple[int, int, int]:
+    if it is None or not it.is_fully_specified:
+        return (-1, -1, -1)
+    return (it.update or 0, it.epoch or 0, it.sample or 0)

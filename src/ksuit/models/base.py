@@ -163,8 +163,13 @@ def require_ksuit_model(model: object) -> None:
             "got a torch.compile-wrapped model; pass the original ksuit model (compiled._orig_mod)"
         )
     if not isinstance(model, ModelBase):
+        hint = (
+            "; for a plain torch module use ksuit.models.wrap(module, name, optimizer=...)"
+            if isinstance(model, torch.nn.Module)
+            else ""
+        )
         raise TypeError(
-            f"model must be a ksuit ModelBase (Model or CompositeModel), got {type(model).__name__}"
+            f"model must be a ksuit ModelBase (Model or CompositeModel), got {type(model).__name__}{hint}"
         )
 
 

@@ -11,11 +11,14 @@ from ksuit.utils.imports import resolve_import_path
 
 
 class OptimizerWrapper:
-    """A torch optimizer built from an `OptimizerConfig`.
+    """A torch optimizer built from an `OptimizerConfig`, or one the caller built
+    (`OptimizerWrapper.of`, what `ksuit.models.wrap` uses; `config` is then None).
 
     `state_dict()` is exactly the torch optimizer's state dict, so optimizer files hold nothing
     ksuit-specific and load with plain `torch.load(weights_only=True)`.
     """
+
+    config: OptimizerConfig | None
 
     def __init__(self, parameters: list[torch.nn.Parameter], config: OptimizerConfig):
         optim_cls = resolve_import_path(config.kind, what="optimizer kind")
@@ -26,6 +29,19 @@ class OptimizerWrapper:
             self.torch_optim: torch.optim.Optimizer = optim_cls(parameters, **config.kwargs)
         except TypeError as e:
             raise TypeError(f"optimizer {config.kind} rejected its arguments {config.kwargs}: {e}") from e
+
+    @classmethod
+    def of(cls, optimizer: torch.optim.Optimizer) -> OptimizerWrapper:
+        """Wraps a torch optimizer the caller built (and keeps stepping themselves)."""
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                f"optimizer must be a torch.optim.Optimizer (e.g. torch.optim.AdamW(module.parameters())), "
+                f"got {type(optimizer).__name__}"
+            )
+        wrapper = cls.__new__(cls)
+        wrapper.config = None
+        wrapper.torch_optim = optimizer
+        return wrapper
 
     def step(self, grad_scaler: torch.amp.GradScaler | None = None) -> None:
         if grad_scaler is None:

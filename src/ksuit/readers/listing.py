@@ -1,27 +1,39 @@
 """Listing the checkpoints of a run from file names (and manifests), without loading tensors.
 
 Everything goes through the run folder's storage backend, so a run may live on any medium. Only
-regular files are checkpoints: an entry with a checkpoint or manifest name that is a symbolic
+regular files are checkpoints, and sharded checkpoints (`..._model.dcp/`), which are real
+folders of part files (their size: the sum of their parts): an entry with a checkpoint or
+manifest name that is a symbolic
 link (wherever it points, inside the folder or out), a FIFO, a device or a folder is never
 followed, opened or stat'ed through; `folder_problems` reports it instead.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from ksuit.layout import CheckpointName, parse_checkpoint_filename, parse_manifest_filename
+from ksuit.layout import (
+    CheckpointName,
+    is_foreign_filename,
+    is_sharded_filename,
+    parse_checkpoint_filename,
+    parse_manifest_filename,
+)
 from ksuit.storage import Backend, Entry, Location, open_backend
 from ksuit.storage.errors import CorruptCheckpointError, UnsafeCheckpointError
 from ksuit.storage.manifest import Manifest, read_manifest
 from ksuit.utils.training import TrainingIteration
 
+# the role of another framework's checkpoint file (Lightning's `.ckpt`): the whole training state
+FOREIGN_ROLE = "checkpoint"
+
 
 @dataclass(frozen=True)
 class CheckpointInfo:
     """One checkpoint file of a run. `path` is a `Path` for local runs and the URL otherwise;
-    `ksuit.load_model` and `ksuit.load_file` take either."""
+    `ksuit.load_model` and `ksuit.load_file` take either. `role` is `model`, `optim`, `trainer`,
+    or `checkpoint` for another framework's file in a set of ksuit's (Lightning's `.ckpt`)."""
 
     model_name: str
     tag: str
@@ -86,8 +98,10 @@ def _checkpoint_folder(run: Backend) -> Backend:
     folders = run.folders()
     if "checkpoints" in folders:
         return run.child("checkpoints")
-    if where.rstrip("/").rsplit("/", 1)[-1] == "checkpoints" or any(
-        parse_checkpoint_filename(e.name) for e in run.entries()
+    if (
+        where.rstrip("/").rsplit("/", 1)[-1] == "checkpoints"
+        or any(parse_checkpoint_filename(e.name) or parse_manifest_filename(e.name) for e in run.entries())
+        or any(is_sharded_filename(name) for name in folders)
     ):
         return run
     stages = [name for name in folders if _has_checkpoints(run, name)]
@@ -113,6 +127,7 @@ class FolderListing:
     entries: dict[str, Entry]
     manifests: dict[str, Manifest]  # {manifest file: manifest}
     unreadable: dict[str, str]  # {manifest file: why it cannot be read}
+    sharded: dict[str, int] = field(default_factory=dict)  # {sharded checkpoint folder: bytes}
 
     @property
     def owner(self) -> dict[str, str]:
@@ -121,12 +136,29 @@ class FolderListing:
 
     @property
     def irregular(self) -> dict[str, str]:
-        """`{name: problem}` for checkpoint or manifest names that are not regular files."""
-        return {
+        """`{name: problem}` for checkpoint or manifest names that are not regular files (or, for a
+        sharded checkpoint, not a real folder)."""
+        result = {
             name: e.problem
             for name, e in self.entries.items()
             if e.problem is not None and (parse_checkpoint_filename(name) or parse_manifest_filename(name))
         }
+        for name, e in self.entries.items():
+            if e.problem is None and is_sharded_filename(name):
+                result[name] = "is a file where a sharded checkpoint folder belongs"
+        return result
+
+
+def sharded_folders(folder: Backend) -> dict[str, int]:
+    """`{name: total bytes}` of the sharded checkpoint folders in `folder` (real folders only)."""
+    result = {}
+    for name in folder.folders():
+        if is_sharded_filename(name):
+            try:
+                result[name] = sum(e.size for e in folder.child(name).entries() if e.problem is None)
+            except OSError:
+                result[name] = 0
+    return result
 
 
 def read_folder(folder: Backend) -> FolderListing:
@@ -144,7 +176,7 @@ def read_folder(folder: Backend) -> FolderListing:
             manifests[name] = read_manifest(folder, name)
         except (CorruptCheckpointError, UnsafeCheckpointError, OSError) as e:
             unreadable[name] = str(e).splitlines()[0] if str(e) else type(e).__name__
-    return FolderListing(folder, entries, manifests, unreadable)
+    return FolderListing(folder, entries, manifests, unreadable, sharded_folders(folder))
 
 
 def folder_problems(run_dir: Location | Backend) -> dict[str, str]:
@@ -180,22 +212,25 @@ def listed_checkpoints(listing: FolderListing) -> list[CheckpointInfo]:
     """`list_checkpoints` of a folder already read."""
     owner = listing.owner
     result = []
-    for entry in listing.entries.values():
-        name = parse_checkpoint_filename(entry.name)
-        if name is None or entry.problem is not None:
-            continue
+    found = [(e.name, e.size) for e in listing.entries.values() if e.problem is None]
+    for filename, size in found + list(listing.sharded.items()):
+        name = parse_checkpoint_filename(filename)
+        if name is None or (name.is_sharded and filename not in listing.sharded):
+            continue  # a file named like a sharded checkpoint folder is reported, never listed
         result.append(
             CheckpointInfo(
                 model_name=name.name,
                 tag=name.tag,
                 role=name.role,
-                path=listing.folder.file_ref(entry.name),
-                size_bytes=entry.size,
+                path=listing.folder.file_ref(filename),
+                size_bytes=size,
                 training_iteration=_iteration_of(name, listing, owner),
                 info=name.info,
                 format=name.format,
             )
         )
+
+    result += _foreign_checkpoints(listing)
 
     def order(c: CheckpointInfo) -> tuple[object, ...]:
         it = c.training_iteration
@@ -209,6 +244,30 @@ def listed_checkpoints(listing: FolderListing) -> list[CheckpointInfo]:
         )
 
     return sorted(result, key=order)
+
+
+def _foreign_checkpoints(listing: FolderListing) -> list[CheckpointInfo]:
+    """Other frameworks' checkpoint files (Lightning's `.ckpt`) that a readable manifest lists:
+    the set's group and tag name them, their role is `FOREIGN_ROLE`."""
+    result = []
+    for manifest_name, manifest in listing.manifests.items():
+        group, tag = parse_manifest_filename(manifest_name) or (manifest.group, manifest.tag)
+        for name, listed in manifest.files.items():
+            entry = listing.entries.get(name)
+            if not is_foreign_filename(name) or entry is None or entry.problem is not None:
+                continue
+            iteration = listed.training_iteration
+            result.append(
+                CheckpointInfo(
+                    model_name=group,
+                    tag=tag,
+                    role=FOREIGN_ROLE,
+                    path=listing.folder.file_ref(name),
+                    size_bytes=entry.size,
+                    training_iteration=TrainingIteration.from_dict(iteration) if iteration else None,
+                )
+            )
+    return result
 
 
 def irregular_entries(run_dir: Location | Backend) -> dict[str, str]:

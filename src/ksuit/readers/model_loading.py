@@ -10,19 +10,20 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from typing import Any, cast
+from typing import Any, TypeVar, cast, overload
 
 import torch
 
-from ksuit.layout import parse_checkpoint_filename, parse_manifest_filename
+from ksuit.layout import is_sharded_filename, parse_checkpoint_filename, parse_manifest_filename
 from ksuit.models.base import ModelBase
+from ksuit.models.wrapped import WrappedCompositeConfig, WrappedModel, WrappedModuleConfig, rebuild_error
 from ksuit.readers.listing import read_folder
 from ksuit.schemas.models import ModelBaseConfig
 from ksuit.storage import Backend, Location, OpenedFile, load_opened, split_file_location
 from ksuit.storage.errors import CorruptCheckpointError
 from ksuit.storage.formats import format_of_path
-from ksuit.storage.manifest import ManifestEntry
-from ksuit.utils.imports import resolve_kind_from_file, trusted_prefixes
+from ksuit.storage.manifest import ManifestEntry, verify_file
+from ksuit.utils.imports import import_path, resolve_kind_from_file, trusted_prefixes
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +76,36 @@ def check_opened(f: OpenedFile, folder: Backend, checksum: bool = True) -> None:
         )
 
 
+def check_sharded(folder: Backend, name: str, checksum: bool = True) -> None:
+    """`check_opened` for a sharded checkpoint folder: when a manifest beside it lists it, every
+    part must be there with its size (and, with `checksum`, its checksum), and nothing else."""
+    listed = manifest_entry_of(folder, name)
+    if listed is None:
+        return
+    manifest_name, entry = listed
+    problem = verify_file(folder, name, entry, checksum=checksum)
+    if problem is not None:
+        raise CorruptCheckpointError(
+            f"{folder.file_location(name)} does not match the manifest {manifest_name} that lists it "
+            f"({problem}); run `ksuit verify {folder.location}` and load another checkpoint"
+        )
+
+
+def load_payload(path: Location, verify: bool = True) -> Any:
+    """The payload of any checkpoint: a file (loaded safely) or a sharded checkpoint folder
+    (consolidated on CPU in this process, no process group needed), checked against the
+    manifest that lists it."""
+    folder, name = split_file_location(path)
+    if is_sharded_filename(name):
+        from ksuit.storage.sharded.load import load_full
+
+        check_sharded(folder, name, checksum=verify)
+        return load_full(folder.child(name))
+    with folder.open(name, follow_symlinks=True) as f:
+        check_opened(f, folder, checksum=verify)
+        return load_opened(f, map_location="cpu")
+
+
 def load_model_payload(
     path: Location, map_location: Any = "cpu", mmap: bool = False, verify: bool = True
 ) -> dict[str, Any]:
@@ -82,15 +113,24 @@ def load_model_payload(
 
     When a manifest beside the file lists it, the file must match the manifest's size and, with
     `verify` (the default), its checksum, or `CorruptCheckpointError` names both. The file is
-    opened once: what is checked is what is loaded.
+    opened once: what is checked is what is loaded. A sharded checkpoint folder (`.dcp`) is
+    consolidated on CPU (`load_payload`).
     """
     folder, name = split_file_location(path)
-    with folder.open(name, follow_symlinks=True) as f:
-        check_opened(f, folder, checksum=verify)
-        payload = load_opened(f, map_location=map_location, mmap=mmap)
+    if is_sharded_filename(name):
+        payload = load_payload(path, verify=verify)
+        movable = isinstance(payload, dict) and isinstance(payload.get("state_dict"), dict)
+        if movable and map_location is not None and isinstance(map_location, (str, torch.device)):
+            payload["state_dict"] = {k: v.to(map_location) for k, v in payload["state_dict"].items()}
+        location = folder.file_location(name)
+    else:
+        with folder.open(name, follow_symlinks=True) as f:
+            check_opened(f, folder, checksum=verify)
+            payload = load_opened(f, map_location=map_location, mmap=mmap)
+        location = f.location
     if not isinstance(payload, dict) or "state_dict" not in payload:
         raise ValueError(
-            f"{f.location} is not a ksuit weights file (no 'state_dict' key); pass a *_model.th file"
+            f"{location} is not a ksuit weights file (no 'state_dict' key); pass a *_model.th file"
         )
     return payload
 
@@ -123,9 +163,35 @@ def build_model_from_payload(
         raw_config.get("kind"), ModelBase, context, trusted, what="model class (model_config.kind)"
     )
     config = cast(type[ModelBaseConfig], config_cls).model_validate(raw_config)
+    if isinstance(config, (WrappedModuleConfig, WrappedCompositeConfig)):
+        raise rebuild_error(source, getattr(config, "module_kind", None))
     if config.kind != raw_config.get("kind"):
         raise ValueError(f"{source}: {config_cls.__qualname__} changed the model kind while validating it")
     return model_cls(model_config=config)
+
+
+M = TypeVar("M", bound=torch.nn.Module)
+
+
+@overload
+def load_model(
+    path: Location,
+    map_location: Any = "cpu",
+    trusted_modules: str | Iterable[str] | None = None,
+    verify: bool = True,
+    module: None = None,
+) -> ModelBase: ...
+
+
+@overload
+def load_model(
+    path: Location,
+    map_location: Any = "cpu",
+    trusted_modules: str | Iterable[str] | None = None,
+    verify: bool = True,
+    *,
+    module: M,
+) -> M: ...
 
 
 def load_model(
@@ -133,7 +199,8 @@ def load_model(
     map_location: Any = "cpu",
     trusted_modules: str | Iterable[str] | None = None,
     verify: bool = True,
-) -> ModelBase:
+    module: torch.nn.Module | None = None,
+) -> torch.nn.Module:
     """Rebuilds the model a weights file describes, loads its weights, returns it in eval mode.
 
     The config class comes from `config_kind`, the model class from the config's `kind`. A
@@ -141,17 +208,40 @@ def load_model(
     in ksuit), or under one of `trusted_modules` (e.g. `["mypkg"]` allows `mypkg.models.Encoder`),
     which are then imported; a `__main__` module never is. A file listed in a manifest beside
     it is checked against it first (size, and with `verify` the checksum).
+
+    With `module`, nothing is rebuilt: the weights load into the module you built (a plain
+    `nn.Module` saved through `ksuit.models.wrap`, or any module with the same state dict keys),
+    which is returned in eval mode. Files of wrapped plain modules can only be loaded this way.
     """
     trusted_prefixes(trusted_modules)  # a wrong argument fails before any file is read
+    if module is not None and not isinstance(module, torch.nn.Module):
+        raise TypeError(f"module must be a torch.nn.Module you built, got {type(module).__name__}")
     # .th files are memory-mapped and their tensors become the parameters (no second copy) when
     # that gives the same model as copying: same shapes and dtypes, no tied weights
     payload = load_model_payload(path, map_location, mmap=format_of_path(str(path)) == "torch", verify=verify)
-    model = build_model_from_payload(payload, str(path), trusted_modules)
     state_dict = payload["state_dict"]
+    if module is not None:
+        _warn_other_kind(payload, module, str(path))
+        module.load_state_dict(state_dict)  # copies: the caller's module keeps its own tensors
+        return module.eval()
+    model = build_model_from_payload(payload, str(path), trusted_modules)
     model.load_state_dict(state_dict, assign=_can_assign(model, state_dict))
     if map_location is not None and isinstance(map_location, (str, torch.device)):
         model.to(map_location)
     return model.eval()
+
+
+def _warn_other_kind(payload: dict[str, Any], module: torch.nn.Module, source: str) -> None:
+    """Logs when the file records another class than the module it is loaded into (the state
+    dict keys decide whether it fits; this only helps find a mix-up)."""
+    config = payload.get("model_config")
+    if not isinstance(config, dict):
+        return
+    recorded = config.get("module_kind", config.get("kind"))
+    inner = module.module if isinstance(module, WrappedModel) else module
+    own = {import_path(module), import_path(inner)}
+    if isinstance(recorded, str) and recorded not in own:
+        logger.warning("%s was saved from a %s; loading it into a %s", source, recorded, import_path(inner))
 
 
 def _can_assign(model: ModelBase, state_dict: dict[str, Any]) -> bool:

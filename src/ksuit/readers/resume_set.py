@@ -10,7 +10,9 @@ second time); then every hash is compared with its manifest entry. A
 file that does not match refuses the whole set with the reason `ksuit verify` gives
 (`size ... != ... in manifest`, `checksum ... != ... in manifest`) and the next usable set is
 tried, exactly as `select_resume_set` skips it; nothing is handed to the caller before every
-file of the chosen set has matched. Files of the set the caller does not load (EMA weights, say)
+file of the chosen set has matched. A sharded checkpoint folder is checked part by part in the
+same helper thread and never loaded here: the caller loads it resharded, for the ranks it has
+(`ksuit.readers.leaf_loading`). Files of the set the caller does not load (EMA weights, say)
 are hashed too: a set is used whole or not at all. A file that matches its manifest but cannot be
 loaded (refused by the safe loader) raises, as a load always did.
 
@@ -29,11 +31,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ksuit.layout import is_sharded_filename
 from ksuit.readers.listing import checkpoint_folder
 from ksuit.readers.sets import CheckpointSet, choose_set, problems_text
 from ksuit.storage import Backend, Location, OpenedFile, load_opened
 from ksuit.storage.errors import UnsafeCheckpointError
-from ksuit.storage.manifest import ManifestEntry, hash_problem
+from ksuit.storage.manifest import ManifestEntry, hash_problem, verify_file
 from ksuit.utils.training import TrainingIteration
 
 
@@ -89,8 +92,11 @@ def _load_checked(
     assert s.manifest is not None  # a set without one is never usable
     problems: dict[str, str] = {}
     opened: list[tuple[str, ManifestEntry, OpenedFile]] = []
+    folders = {n: e for n, e in s.manifest.files.items() if is_sharded_filename(n)}
     try:
         for name, entry in s.manifest.files.items():
+            if name in folders:  # checked part by part; loaded (resharded) by the caller
+                continue
             try:
                 opened.append((name, entry, s.folder.open(name)))
             except FileNotFoundError:
@@ -98,7 +104,14 @@ def _load_checked(
             except UnsafeCheckpointError as e:  # no longer a regular file
                 problems[name] = str(e)
         hashes: dict[str, tuple[int, str] | BaseException] = {}
-        hasher = _start(lambda: _hash_all(opened, hashes))
+        folder_problems: dict[str, str | None] = {}
+
+        def check_all() -> None:
+            _hash_all(opened, hashes)
+            for name, entry in folders.items():
+                folder_problems[name] = verify_file(s.folder, name, entry, checksum=True)
+
+        hasher = _start(check_all)
         errors: dict[str, BaseException] = {}
         if not problems:
             for name, _, f in opened:
@@ -112,7 +125,8 @@ def _load_checked(
         if hasher is not None:
             hasher.join()
         else:
-            _hash_all(opened, hashes)
+            check_all()
+        problems.update({n: p for n, p in folder_problems.items() if p is not None})
         for name, entry, _ in opened:
             hashed = hashes[name]
             if isinstance(hashed, BaseException):

@@ -13,7 +13,13 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from ksuit.layout import parse_checkpoint_filename, parse_manifest_filename
-from ksuit.readers.listing import CheckpointInfo, checkpoint_folder, listed_checkpoints, read_folder
+from ksuit.readers.listing import (
+    CheckpointInfo,
+    FolderListing,
+    checkpoint_folder,
+    listed_checkpoints,
+    read_folder,
+)
 from ksuit.storage import Backend, Entry, Location
 from ksuit.storage.manifest import Manifest, verify_file
 from ksuit.utils.training import TrainingIteration
@@ -87,8 +93,12 @@ class CheckpointSet:
 
 def scan_sets(run_dir: Location | Backend, checksum: bool = False) -> list[CheckpointSet]:
     """Every set of a run (one per group and tag), checked against its manifest."""
-    folder = checkpoint_folder(run_dir)
-    listing = read_folder(folder)
+    return sets_of(read_folder(checkpoint_folder(run_dir)), checksum)
+
+
+def sets_of(listing: FolderListing, checksum: bool = False) -> list[CheckpointSet]:
+    """`scan_sets` of a folder already read."""
+    folder = listing.folder
     sets: dict[tuple[str, str], CheckpointSet] = {}
     for name, manifest in listing.manifests.items():
         group, tag = parse_manifest_filename(name) or (manifest.group, manifest.tag)
@@ -202,8 +212,7 @@ def choose_set(
         candidates = [s for s in candidates if _matches(s, tag)]
         if not candidates:
             raise FileNotFoundError(f"no checkpoint set of '{group}' matches {tag!s} in {folder.location}")
-    # newest first; on equal iterations prefer the rolling 'latest' (it is what resume writes)
-    candidates.sort(key=lambda s: (_sort_key(s)[:3], s.tag == "latest"), reverse=True)
+    candidates = resume_order(candidates)
     skipped: list[tuple[str, str]] = []
     for i, s in enumerate(candidates):
         reason = _unusable_reason(s, group, required)
@@ -223,6 +232,49 @@ def choose_set(
 
 def problems_text(problems: Mapping[str, str]) -> str:
     return "; ".join(f"{k}: {v}" for k, v in problems.items())
+
+
+def resume_order(sets: Iterable[CheckpointSet]) -> list[CheckpointSet]:
+    """`sets` in the order resume tries them: newest first; on equal iterations the rolling
+    'latest' first (it is what resume writes)."""
+    return sorted(sets, key=lambda s: (_sort_key(s)[:3], s.tag == "latest"), reverse=True)
+
+
+def usable_for_resume(
+    s: CheckpointSet,
+    group: str,
+    required: Iterable[tuple[str, str]] = (),
+    verified: Callable[[CheckpointSet], bool] | None = None,
+) -> str | None:
+    """None when resume of `group` may start from `s` (complete, consistent, with a trainer
+    file and every `(model name, role)` of `required`, every checksum matching), else why not.
+    Checksums are read unless `verified(s)` vouches for them (a set its writer just wrote)."""
+    reason = _unusable_reason(s, group, list(required))
+    if reason is None and not (verified is not None and verified(s)):
+        s.check(checksum=True)
+        if not s.ok:
+            reason = problems_text(s.problems)
+    return reason
+
+
+def resume_choices(
+    sets: Iterable[CheckpointSet], group: str, verified: Callable[[CheckpointSet], bool] | None = None
+) -> list[CheckpointSet]:
+    """Every set a resume of `group` without a tag may pick, whatever files it requires: the
+    newest usable set (what `select_resume_set` picks with nothing required), then each older
+    usable one up to the newest usable set holding every `(model, role)` file any resumable set
+    of the group holds (what it picks when every model and optimizer is required). Empty when
+    the group has no usable set. What retention never deletes."""
+    candidates = resume_order(s for s in sets if s.group == group)
+    with_trainer = [s for s in candidates if s.ok and s.file(group, "trainer") is not None]
+    every = {(i.model_name, i.role) for s in with_trainer for i in s.files.values()}
+    choices = []
+    for s in with_trainer:
+        if usable_for_resume(s, group, verified=verified) is None:
+            choices.append(s)
+            if every <= {(i.model_name, i.role) for i in s.files.values()}:
+                break
+    return choices
 
 
 def _unusable_reason(s: CheckpointSet, group: str, required: list[tuple[str, str]]) -> str | None:

@@ -6,6 +6,7 @@
     trainer:      {kind: <BaseTrainer subclass path>, max_epochs: 20, effective_batch_size: 64, ...}
     callbacks:    [{kind: checkpoint | best_checkpoint | ema | validation_loss | <class path>, ...}]
     initializers: [{kind: previous_run | <class path>, ...}]
+    retention:    {keep_last: 2, keep_every_epochs: 10, max_bytes: 20GiB, ...}   (optional)
 
 Every mistake is a `ConfigError` naming the file, the key and, for command-line overrides
 (`trainer.max_epochs=5`, `callbacks.0.every_n_epochs=2`), the override that set it.
@@ -25,6 +26,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from ksuit.schemas.models import OptimizerConfig
+from ksuit.schemas.retention import RetentionPolicy
 from ksuit.schemas.trainer import TrainerSettings
 
 
@@ -64,6 +66,9 @@ class RunConfig(_Strict):
     trainer: TrainerConfig
     callbacks: list[KindConfig] = []
     initializers: list[KindConfig] = []
+    retention: RetentionPolicy | None = None
+    """Which checkpoint sets the run keeps and its disk budget (or `retention:` on one checkpoint
+    callback)."""
     source: str = Field(default="<config>", exclude=True)
     override_paths: dict[str, str] = Field(default_factory=dict, exclude=True)
 

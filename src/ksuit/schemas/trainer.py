@@ -24,6 +24,7 @@ Count = Annotated[int, Field(gt=0, strict=True)]
 Device = Literal["auto", "cpu", "cuda"]
 Precision = Literal["float32", "bfloat16", "float16"]
 CheckpointFormat = Literal["torch", "safetensors"]
+Strategy = Literal["ddp", "fsdp"]
 
 END_FIELDS = {"max_epochs": "epoch", "max_updates": "update", "max_samples": "sample"}
 
@@ -72,6 +73,16 @@ class TrainerSettings(BaseModel):
     """Write checkpoints in the background (`CheckpointWriter(async_save=...)`)."""
     checkpoint_format: CheckpointFormat = "torch"
     """File format of weights: "torch" (`.th`) or "safetensors" (`CheckpointWriter(format=...)`)."""
+    strategy: Strategy = "ddp"
+    """How several processes (torchrun) share the model: "ddp" replicates it (DistributedDataParallel;
+    rank 0 writes `.th` files), "fsdp" shards every leaf model's parameters and optimizer state
+    over the ranks (FSDP2 `fully_shard`; every rank writes its shards of a sharded checkpoint
+    folder `.dcp`, loaded resharded on any number of processes). Alone in one process, both
+    train the plain model."""
+    checkpoint_mirror: Annotated[str, Field(min_length=1)] | None = None
+    """An output root (e.g. `s3://bucket/runs`) to replicate every committed checkpoint set to in
+    the background (`CheckpointWriter(mirror=...)`): saves run at local speed, and `--resume`
+    takes the newest complete set from either copy, so a new machine resumes from the mirror."""
 
     @model_validator(mode="after")
     def _exactly_one_end(self) -> TrainerSettings:

@@ -35,6 +35,7 @@ import sys
 import threading
 import traceback
 import weakref
+from typing import Any
 
 from ksuit.storage.backend import Backend, Location
 from ksuit.storage.sets import OnWritten, PendingFile, SetWriter
@@ -91,6 +92,23 @@ def _close_all_at_exit() -> None:
         os._exit(EXIT_CODE_WRITE_FAILED)
 
 
+def _snapshot(payloads: list[Any], buffer: SnapshotBuffer) -> list[Any]:
+    """`take_snapshot`, with each DTensor (a sharded save's) copied as its own local shard."""
+    if not any(_has_dtensor(p) for p in payloads):
+        return take_snapshot(payloads, buffer)
+    from ksuit.storage.sharded.local import rewrap, to_local
+
+    pairs = [to_local(p) for p in payloads]
+    copies = take_snapshot([local for local, _ in pairs], buffer)
+    return [rewrap(copy, layout) for copy, (_, layout) in zip(copies, pairs, strict=True)]
+
+
+def _has_dtensor(obj: Any) -> bool:
+    from ksuit.storage.formats import iter_tensors
+
+    return any(type(t).__name__ == "DTensor" for t in iter_tensors(obj))
+
+
 class AsyncSetWriter:
     """Queues sets for a `SetWriter` running in one background thread."""
 
@@ -127,14 +145,17 @@ class AsyncSetWriter:
             raise RuntimeError("this checkpoint writer is closed; create a new one to save again")
         self.raise_pending_error()
         buffer = self.pool.acquire()
+        # a payload two files share (one object) is copied once and stays one object, so the
+        # set writer still writes its bytes once
+        unique = {id(f.payload): f.payload for f in files}
         try:
             # once a buffer is free, every earlier write that held it has ended: report its failure
             self.raise_pending_error()
-            payloads = take_snapshot([f.payload for f in files], buffer)
+            payloads = dict(zip(unique, _snapshot(list(unique.values()), buffer), strict=True))
         except BaseException:
             self.pool.release(buffer)
             raise
-        snap_files = [f.with_payload(p) for f, p in zip(files, payloads, strict=True)]
+        snap_files = [f.with_payload(payloads[id(f.payload)]) for f in files]
         self._queue.put((snap_files, run_id, on_written, buffer))
 
     def _run(self) -> None:
@@ -182,6 +203,7 @@ class AsyncSetWriter:
             self._thread.join()
             self.pool.close()
             _open_writers.pop(self._key, None)
+            self.set_writer.close()  # e.g. a mirroring writer waits for its replication
 
     def __del__(self) -> None:  # pragma: no cover
         if not getattr(self, "_closed", True):

@@ -14,7 +14,13 @@ from __future__ import annotations
 
 import os
 
-from ksuit.layout import EXTENSIONS, checkpoint_filename, parse_checkpoint_filename, parse_manifest_filename
+from ksuit.layout import (
+    EXTENSIONS,
+    checkpoint_filename,
+    is_sharded_filename,
+    parse_checkpoint_filename,
+    parse_manifest_filename,
+)
 from ksuit.storage.backend import Backend, Location, WrittenFile
 from ksuit.storage.errors import CorruptCheckpointError
 from ksuit.storage.formats import SafetensorsFormat, format_of_path, get_format
@@ -43,7 +49,8 @@ def convert_file(
     """
     fmt = get_format(to)
     source_backend, source_name = split_file_location(source)
-    if format_of_path(source_name) == to:
+    sharded = is_sharded_filename(source_name)
+    if not sharded and format_of_path(source_name) == to:
         raise ValueError(f"{os.fspath(source)} is already in the {to} format")
     if output is not None:
         backend, name = split_file_location(output)
@@ -52,6 +59,14 @@ def convert_file(
     where = backend.file_location(name)
     if format_of_path(name) != to:
         raise ValueError(f"output {where} must end in .{EXTENSIONS[to]} for the {to} format")
+    if sharded:  # streamed tensor by tensor, never the whole payload in memory
+        from ksuit.storage.sharded.consolidate import export_sharded, safetensors_layout
+
+        if isinstance(fmt, SafetensorsFormat):
+            safetensors_layout(source_backend.child(source_name))  # fails before anything is written
+        with backend.lock():
+            _refuse_existing(backend, name, where, overwrite)
+        return export_sharded(source_backend.child(source_name), to, backend, name)
     payload = load_file(source)
     if isinstance(fmt, SafetensorsFormat):
         fmt.split_payload(payload)  # fails before any byte is written when it cannot convert
@@ -66,6 +81,18 @@ def convert_file(
                 "a file of a set (the set would no longer match its manifest); pass another --output"
             )
         return backend.write_file(name, lambda sink: fmt.write(payload, sink), fmt.estimate_nbytes(payload))
+
+
+def _refuse_existing(backend: Backend, name: str, where: str, overwrite: bool) -> None:
+    exists = backend.exists_as() == "folder" and any(e.name == name for e in backend.entries())
+    if exists and not overwrite:
+        raise FileExistsError(f"{where} already exists; pass --force to replace it")
+    owner = _manifest_listing(backend, name) if exists else None
+    if owner is not None:
+        raise ValueError(
+            f"{where} belongs to the checkpoint set of {owner}, and an export never replaces "
+            "a file of a set (the set would no longer match its manifest); pass another --output"
+        )
 
 
 def _manifest_listing(backend: Backend, name: str) -> str | None:

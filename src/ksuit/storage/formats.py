@@ -103,6 +103,18 @@ class _KeepsWriteError:
         return True
 
 
+def torch_save(obj: Any, sink: WriteStream) -> None:
+    """`torch.save(obj)` into `sink` with CRC-32 off; a failed write raises the disk's OSError."""
+    out = _KeepsWriteError(sink)
+    try:
+        with crc32_off():
+            torch.save(obj, cast(IO[bytes], out))
+    except RuntimeError as e:
+        if out.error is not None:  # the disk's error (ENOSPC, EIO), not torch's wrapper of it
+            raise out.error from e
+        raise
+
+
 class TorchFormat:
     """`.th` files: torch's zip format, loadable by plain `torch.load(weights_only=True)`."""
 
@@ -110,14 +122,7 @@ class TorchFormat:
     extension = "th"
 
     def write(self, payload: dict[str, Any], sink: WriteStream) -> None:
-        out = _KeepsWriteError(sink)
-        try:
-            with crc32_off():
-                torch.save(payload, cast(IO[bytes], out))
-        except RuntimeError as e:
-            if out.error is not None:  # the disk's error (ENOSPC, EIO), not torch's wrapper of it
-                raise out.error from e
-            raise
+        torch_save(payload, sink)
 
     def estimate_nbytes(self, payload: dict[str, Any]) -> int:
         # zip headers and 64-byte alignment per record, plus the pickled structure

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from ksuit.layout import is_sharded_filename
 from ksuit.storage.backend import Backend, Location, OpenedFile
 from ksuit.storage.errors import CorruptCheckpointError, UnsafeCheckpointError
 from ksuit.storage.formats import SAFETENSORS_DTYPES, SAFETENSORS_METADATA_MARKER, format_of_path
@@ -204,6 +205,11 @@ def read_metadata(location: Location) -> dict[str, Any]:
     are described; what is left out is replaced by a string saying so.
     """
     backend, name = split_file_location(location)
+    if is_sharded_filename(name):  # a folder: its skeleton and .metadata, no part file opened
+        from ksuit.storage.sharded.verify import describe
+
+        sharded: dict[str, Any] = _describe(describe(backend.child(name)), _Budget())
+        return sharded
     with _opened(backend, name, follow_symlinks=True) as f:
         if format_of_path(name) == "safetensors":
             header = _read_header(f)

@@ -5,8 +5,12 @@ On disk a manifest is the JSON `Manifest.to_json` writes (unchanged since ksuit 
 one trusts nothing: the file must be a regular file (not a link, FIFO or device) of at most
 `MAX_MANIFEST_BYTES`, and every field is validated with strict types (`_ManifestSchema`): sizes
 are ints >= 0, checksums xxh3-64 hex digests, iterations `{epoch|update|sample: int >= 0}`,
-and every file name a plain checkpoint file name of the layout grammar (no '/', no '..', not
-absolute, not hidden), so a manifest can only ever name files inside its own folder. Any
+and every file name a plain checkpoint file name of the layout grammar or a foreign checkpoint
+ksuit writes (`*.ckpt`; no '/', no '..', not absolute, not hidden), so a manifest can only ever
+name checkpoint files inside its own folder, and the optional `metrics` (the values logged when
+the set was saved, which retention's `keep_best` reads) at most `MAX_METRICS` names of at most
+`MAX_METRIC_NAME` characters, each with a finite float. Manifests without `metrics` (every ksuit
+before it) read as before. Any
 violation is a `CorruptCheckpointError` naming the manifest: the set is damaged, not the run.
 Unknown extra keys are ignored, so a newer ksuit may add fields without breaking this one.
 """
@@ -21,32 +25,47 @@ from typing import Annotated, Literal
 import pydantic_core
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
-from ksuit.layout import ROLES, manifest_filename, parse_checkpoint_filename
-from ksuit.storage.backend import Backend, Entry, Location
+from ksuit.layout import (
+    ROLES,
+    is_foreign_filename,
+    is_part_filename,
+    is_sharded_filename,
+    manifest_filename,
+    parse_checkpoint_filename,
+)
+from ksuit.storage.backend import Backend, Entry, Location, folder_digest
 from ksuit.storage.errors import CorruptCheckpointError, UnsafeCheckpointError
 
 CHECKSUM_ALGORITHM = "xxh3_64"
 MANIFEST_VERSION = 1
 MAX_MANIFEST_BYTES = 16 << 20  # ~100k files per set
+MAX_METRICS = 256
+MAX_METRIC_NAME = 200
 
 
 @dataclass
 class ManifestEntry:
     """One file of a set. `role` (model, optim, trainer) is stored under the JSON key `kind`, as
-    ksuit 0.1 wrote it."""
+    ksuit 0.1 wrote it. A sharded checkpoint folder (`..._model.dcp`) also lists its `parts`
+    (`{part name: (size, checksum)}`, every rank's files); its own size and checksum are then
+    `folder_digest(parts)`."""
 
     size: int
     checksum: str
     role: str | None = None
     training_iteration: dict[str, int] | None = None
+    parts: dict[str, tuple[int, str]] | None = None
 
     def to_dict(self) -> dict[str, object]:
-        return {
+        data: dict[str, object] = {
             "size": self.size,
             "checksum": self.checksum,
             "kind": self.role,
             "training_iteration": self.training_iteration,
         }
+        if self.parts is not None:
+            data["parts"] = {name: {"size": size, "checksum": c} for name, (size, c) in self.parts.items()}
+        return data
 
 
 @dataclass
@@ -59,6 +78,7 @@ class Manifest:
     commit_sequence: int | None = None  # the journal sequence of the save that wrote it
     version: int = MANIFEST_VERSION
     checksum_algorithm: str = CHECKSUM_ALGORITHM
+    metrics: dict[str, float] | None = None  # values logged when the set was saved
 
     @property
     def filename(self) -> str:
@@ -67,6 +87,8 @@ class Manifest:
     def to_json(self) -> str:
         data = asdict(replace(self, files={}))  # the entries below, without copying them twice
         data["files"] = {name: entry.to_dict() for name, entry in self.files.items()}
+        if self.metrics is None:  # as every ksuit before metrics wrote it
+            del data["metrics"]
         return json.dumps(data, indent=1, sort_keys=True)
 
     @classmethod
@@ -94,6 +116,7 @@ class Manifest:
                 None
                 if e.training_iteration is None
                 else {str(k): v for k, v in e.training_iteration.items()},
+                None if e.parts is None else {n: (p.size, p.checksum) for n, p in e.parts.items()},
             )
             for name, e in schema.files.items()
         }
@@ -109,13 +132,14 @@ def _iteration(value: Mapping[str, int] | None) -> dict[str, int] | None:
 
 
 def check_entry_name(name: str) -> str:
-    """A manifest's file name: a plain checkpoint file name of this folder, nothing else."""
+    """A manifest's file name: a plain checkpoint file name of this folder (of the layout
+    grammar, or a foreign checkpoint ksuit writes, e.g. Lightning's `last.ckpt`), nothing else."""
     if (
         not name
         or any(c in name for c in "/\\\0")
         or ".." in name
         or name.startswith(".")
-        or parse_checkpoint_filename(name) is None
+        or (parse_checkpoint_filename(name) is None and not is_foreign_filename(name))
     ):
         raise ValueError(f"{name[:200]!r} is not a checkpoint file name of this folder")
     return name
@@ -125,14 +149,33 @@ _STRICT = ConfigDict(strict=True, extra="ignore")
 _Count = Annotated[int, Field(ge=0)]
 _Iteration = dict[Literal["epoch", "update", "sample"], _Count]
 _Text = Annotated[str, Field(min_length=1, max_length=1000)]
+_MetricName = Annotated[str, Field(min_length=1, max_length=MAX_METRIC_NAME)]
+_Finite = Annotated[float, Field(allow_inf_nan=False)]
+
+
+def check_part_name(name: str) -> str:
+    """A part of a sharded checkpoint folder: a plain name inside that folder, nothing else."""
+    if not is_part_filename(name):
+        raise ValueError(f"{name[:200]!r} is not a part name of a sharded checkpoint folder")
+    return name
+
+
+_Checksum = Annotated[str, Field(pattern=r"^[0-9a-f]{16}$")]
+
+
+class _PartSchema(BaseModel):
+    model_config = _STRICT
+    size: _Count
+    checksum: _Checksum
 
 
 class _EntrySchema(BaseModel):
     model_config = _STRICT
     size: _Count
-    checksum: Annotated[str, Field(pattern=r"^[0-9a-f]{16}$")]
+    checksum: _Checksum
     kind: Literal[ROLES] | None = None  # type: ignore[valid-type]  # the JSON key of `role`
     training_iteration: _Iteration | None = None
+    parts: dict[Annotated[str, AfterValidator(check_part_name)], _PartSchema] | None = None
 
 
 class _ManifestSchema(BaseModel):
@@ -145,6 +188,7 @@ class _ManifestSchema(BaseModel):
     commit_sequence: Annotated[int, Field(ge=0)] | None = None
     version: Annotated[int, Field(ge=1, le=MANIFEST_VERSION)] = MANIFEST_VERSION
     checksum_algorithm: Literal["xxh3_64"] = "xxh3_64"
+    metrics: Annotated[dict[_MetricName, _Finite], Field(max_length=MAX_METRICS)] | None = None
 
 
 def _first_errors(e: ValidationError, n: int = 3) -> str:
@@ -209,6 +253,8 @@ def verify_file(
     if entries is None:
         entries = {e.name: e for e in backend.entries()}
     found = entries.get(name)
+    if is_sharded_filename(name):
+        return _verify_folder(backend, name, entry, checksum, found)
     if found is None:
         return "missing"
     if found.problem is not None:
@@ -231,3 +277,40 @@ def hash_problem(size: int, digest: str, entry: ManifestEntry) -> str | None:
     if digest != entry.checksum:
         return f"checksum {digest} != {entry.checksum} in manifest"
     return None
+
+
+def _verify_folder(
+    backend: Backend, name: str, entry: ManifestEntry, checksum: bool, found: Entry | None
+) -> str | None:
+    """`verify_file` of a sharded checkpoint folder: a real folder holding exactly the parts the
+    manifest lists, each with its size (and checksum), and parts that add up to the entry."""
+    if found is not None:  # a listed entry is never a folder: a link, file, FIFO or device
+        return found.problem or "is a file, not a sharded checkpoint folder"
+    if entry.parts is None:
+        return "the manifest lists no parts for this sharded checkpoint folder"
+    if folder_digest(entry.parts) != (entry.size, entry.checksum):
+        return "its parts in the manifest do not add up to its recorded size and checksum"
+    if name not in backend.folders():
+        return "missing"
+    child = backend.child(name)
+    inside = {e.name: e for e in child.entries()}
+    problems = []
+    for sub in child.folders():
+        problems.append(f"{sub}: a folder inside a sharded checkpoint")
+    for part in sorted(set(inside) - set(entry.parts)):
+        problems.append(f"{part}: not listed in the manifest")
+    for part, (size, digest) in sorted(entry.parts.items()):
+        e = inside.get(part)
+        if e is None:
+            problems.append(f"{part}: missing")
+        elif e.problem is not None:
+            problems.append(f"{part}: {e.problem}")
+        elif e.size != size:
+            problems.append(f"{part}: size {e.size} != {size} in manifest")
+        elif checksum:
+            hashed = child.checksum(part)
+            if hashed is None:
+                problems.append(f"{part}: missing or no longer a regular file")
+            elif hashed[1] != digest:
+                problems.append(f"{part}: checksum {hashed[1]} != {digest} in manifest")
+    return "; ".join(problems[:5]) + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else "") or None

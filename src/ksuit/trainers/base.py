@@ -23,8 +23,9 @@ from ksuit.models.base import ModelBase, require_ksuit_model
 from ksuit.models.optimizer import OptimizerWrapper
 from ksuit.providers import PathProvider
 from ksuit.readers import ResumePoint
-from ksuit.schemas.trainer import CheckpointFormat, Device, Precision, TrainerSettings
-from ksuit.trainers import devices, rng, state, update
+from ksuit.retention import RetentionPolicy
+from ksuit.schemas.trainer import CheckpointFormat, Device, Precision, Strategy, TrainerSettings
+from ksuit.trainers import devices, state, update
 from ksuit.trainers.loader import TrainLoader
 from ksuit.trainers.metrics import MetricTracker
 from ksuit.trainers.rng import seed_everything
@@ -47,6 +48,9 @@ class BaseTrainer:
         path_provider: where the run writes (`<output>/<run_id>/checkpoints`).
         callbacks: periodic work and checkpoints, see `ksuit.callbacks`.
         progress: add a `ProgressBarCallback` (rank 0, interactive terminals only).
+        retention: which checkpoint sets the run keeps and its disk budget
+            (`ksuit.retention.RetentionPolicy`; the run config's top-level `retention:`), or set
+            on a `CheckpointCallback`: once per run.
         the other keywords: the settings, documented and validated by
             `ksuit.schemas.trainer.TrainerSettings` (the run config's `trainer:` section too),
             e.g. `effective_batch_size`, `max_epochs`, `precision`, `seed`.
@@ -70,7 +74,10 @@ class BaseTrainer:
         clip_grad_norm: float | None = None,
         async_save: bool = False,
         checkpoint_format: CheckpointFormat = "torch",
+        strategy: Strategy = "ddp",
+        checkpoint_mirror: str | None = None,
         progress: bool = False,
+        retention: RetentionPolicy | None = None,
     ):
         # every argument named like a setting is one (tests check the signature matches them)
         arguments = {k: v for k, v in locals().items() if k in TrainerSettings.model_fields}
@@ -91,7 +98,12 @@ class BaseTrainer:
         self.clip_grad_norm = settings.clip_grad_norm
         self.async_save = settings.async_save
         self.checkpoint_format = settings.checkpoint_format
+        self.strategy = settings.strategy
+        self.checkpoint_mirror = settings.checkpoint_mirror
         self.progress = progress
+        if retention is not None and not isinstance(retention, RetentionPolicy):
+            retention = RetentionPolicy.model_validate(retention)
+        self.retention = retention
         self.callbacks = with_unique_names([*callbacks, *([ProgressBarCallback()] if progress else [])])
 
         # set up by setup(); `model`, `update_counter` and `checkpoint_writer` read them and
@@ -110,6 +122,8 @@ class BaseTrainer:
         self.resumed_from: ResumePoint | None = None
         self.metric_tracker = MetricTracker()
         self._loaded_rng: dict[str, Any] | None = None
+        # resumes on another number of processes, oldest first (the trainer file's 'elastic')
+        self.elastic_events: list[dict[str, Any]] = []
         self._train_loader: TrainLoader | None = None
 
     # ---- the one method to override ---------------------------------------------------------
@@ -185,7 +199,9 @@ class BaseTrainer:
         self.batch_size = self._train_loader.batch_size
         self.updates_per_epoch = self._train_loader.updates_per_epoch
         model.to(self.device)
-        if not model.is_initialized:
+        if self.strategy == "fsdp" and devices.shard_leaves(model, self.device):
+            model.initialize()  # optimizers over the sharded parameters (built anew if they existed)
+        elif not model.is_initialized:
             model.initialize()
         self._model = model
         # the dataset of a DataLoader given as training data, as callbacks evaluate datasets
@@ -198,12 +214,32 @@ class BaseTrainer:
             self._update_counter,
             async_save=self.async_save,
             format=self.checkpoint_format,
+            mirror=self.checkpoint_mirror,
+            retention=self._retention_policy(),
         )
         # async saving: map and touch the snapshot memory now, in the background
         self._checkpoint_writer.prepare(model)
         if self.precision == "float16":
             self.grad_scaler = torch.amp.GradScaler(self.device.type)
         seed_everything(self.seed + self.rank)
+
+    def _retention_policy(self) -> RetentionPolicy | None:
+        """The run's one retention policy: the trainer's or a callback's (`retention`), never two."""
+        sources = [("the trainer's retention", self.retention)] if self.retention is not None else []
+        sources += [
+            (f"callback '{cb.name}'", policy)
+            for cb in self.callbacks
+            if isinstance(policy := getattr(cb, "retention", None), RetentionPolicy)
+        ]
+        if len(sources) > 1:
+            raise ValueError(
+                "retention is set more than once ("
+                + ", ".join(name for name, _ in sources)
+                + "); it governs "
+                "the run's whole checkpoint folder: set it once, at the top of the run config or on one "
+                "callback"
+            )
+        return sources[0][1] if sources else None
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
         """The autocast context of the configured precision (nothing for float32)."""
@@ -242,12 +278,13 @@ class BaseTrainer:
             self.setup(model, train_data, datasets)
             if initializer is not None:
                 initializer.apply(self)
-            self.ddp_model = devices.wrap_ddp(self.model, self.device, self.world_size)
+            if self.strategy == "ddp":
+                self.ddp_model = devices.wrap_ddp(self.model, self.device, self.world_size)
             for cb in self._ordered_callbacks():
                 cb.before_training(self)
             if self._loaded_rng is not None:
                 # the last step before the loop: nothing may draw random numbers after it
-                rng.restore_own_rank(self._loaded_rng)
+                state.restore_rng(self, self._loaded_rng)
             try:
                 self._loop()
             finally:
@@ -340,8 +377,9 @@ class BaseTrainer:
         """
         tags = spec.trainer_tags(checkpoint_tag) if include_trainer else []
         # one atomic switch for the model, optimizer and trainer files and whatever the callbacks
-        # add for the same tags (EMA weights): a crash leaves all of them old or all new
-        with self.checkpoint_writer.batch():
+        # add for the same tags (EMA weights): a crash leaves all of them old or all new; the
+        # latest metrics go into every manifest (for retention's keep_best)
+        with self.checkpoint_writer.batch(metrics=self.metrics):
             self.checkpoint_writer.save_spec(
                 self.model, checkpoint_tag, spec, trainer=self if include_trainer else None
             )
@@ -366,7 +404,8 @@ class BaseTrainer:
 
     def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True) -> None:
         """Restores `state_dict()`'s output into a set-up trainer (after `setup`, as initializers
-        do); refuses another world size, data layout or (with `strict`) set of callbacks."""
+        do); refuses another data layout or (with `strict`) set of callbacks. Another world size
+        is an elastic resume (`ksuit.trainers.state`)."""
         state.load_trainer_state_dict(self, state_dict, strict)
         self._loaded_rng = state_dict["rng"]  # restored again right before the first update
 

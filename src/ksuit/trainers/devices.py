@@ -45,6 +45,28 @@ def wrap_ddp(
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
 
+def shard_leaves(model: torch.nn.Module, device: torch.device) -> bool:
+    """Applies FSDP2 `fully_shard` to every leaf model of a ksuit model (each its own unit, over
+    one mesh of all ranks): parameters become DTensors, each rank holding its shard. Returns
+    whether it sharded (it needs torch.distributed; alone in a process the model stays plain)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return False
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    leaves = [leaf for _, leaf in model.iter_leaves()]  # type: ignore[operator]
+    for leaf in leaves:
+        if any(True for _ in leaf.parameters()):
+            fully_shard(leaf, mesh=mesh)
+    if all(leaf is not model for leaf in leaves):
+        # a composite root over the leaves: the leaves then reshard after each forward pass
+        fully_shard(model, mesh=mesh)
+    return True
+
+
 def autocast(precision: Precision, device: torch.device) -> contextlib.AbstractContextManager[Any]:
     """The autocast context of `precision` on `device` (nothing for float32)."""
     dtype = PRECISION_DTYPES[precision]

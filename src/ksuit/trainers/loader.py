@@ -14,6 +14,24 @@ from ksuit.trainers.sampler import ResumableBatchSampler
 logger = logging.getLogger(__name__)
 
 
+def batch_error(effective_batch_size: int, world_size: int, accumulation_steps: int) -> str:
+    """Why `world_size` processes cannot draw the global batch, and the process counts that can."""
+    message = (
+        f"effective_batch_size {effective_batch_size} is not divisible by world size {world_size} x "
+        f"accumulation_steps {accumulation_steps}. The global batch stays the same when a run resumes "
+        "on another number of processes (so its data order continues): "
+    )
+    if effective_batch_size % accumulation_steps:
+        return message + "choose accumulation_steps that divides effective_batch_size"
+    per_step = effective_batch_size // accumulation_steps
+    fits = [n for n in range(1, per_step + 1) if per_step % n == 0]
+    return (
+        message + f"run on a number of processes that divides {per_step} ({', '.join(map(str, fits[:12]))}"
+        f"{', ...' if len(fits) > 12 else ''}), or change accumulation_steps so that processes x "
+        f"accumulation_steps divides {effective_batch_size}"
+    )
+
+
 class TrainLoader:
     """Batches of one rank for the training loop, resumable at any update.
 
@@ -37,10 +55,7 @@ class TrainLoader:
     ):
         per_step = world_size * accumulation_steps
         if effective_batch_size % per_step:
-            raise ValueError(
-                f"effective_batch_size {effective_batch_size} is not divisible by world size "
-                f"{world_size} x accumulation_steps {accumulation_steps}"
-            )
+            raise ValueError(batch_error(effective_batch_size, world_size, accumulation_steps))
         self.batch_size = effective_batch_size // per_step
         collate_fn = None
         dataset: Dataset[Any]

@@ -66,7 +66,9 @@ def restore(state: dict[str, Any]) -> None:
     np.random.set_state(
         (npy["bit_generator"], keys, int(npy["pos"]), int(npy["has_gauss"]), float(npy["cached_gaussian"]))
     )
-    torch.set_rng_state(torch.as_tensor(state["torch"], dtype=torch.uint8).cpu())
+    # a tensor of its own: a loaded state may view a storage shared with other ranks' states (an
+    # asynchronous save packs tensors of one dtype together), which set_rng_state misreads
+    torch.set_rng_state(_own_bytes(state["torch"]))
     if "cuda" in state and torch.cuda.is_available():
         cuda_states = list(state["cuda"])
         if len(cuda_states) != torch.cuda.device_count():
@@ -74,7 +76,12 @@ def restore(state: dict[str, Any]) -> None:
                 f"RNG state holds {len(cuda_states)} CUDA generator states but this process sees "
                 f"{torch.cuda.device_count()} CUDA devices; resume with the same devices"
             )
-        torch.cuda.set_rng_state_all([torch.as_tensor(s, dtype=torch.uint8).cpu() for s in cuda_states])
+        torch.cuda.set_rng_state_all([_own_bytes(s) for s in cuda_states])
+
+
+def _own_bytes(value: Any) -> torch.Tensor:
+    """A generator state as a uint8 CPU tensor with a storage of its own (offset 0)."""
+    return torch.as_tensor(value, dtype=torch.uint8).cpu().clone(memory_format=torch.contiguous_format)
 
 
 def capture_all_ranks() -> dict[str, Any]:
@@ -84,8 +91,9 @@ def capture_all_ranks() -> dict[str, Any]:
 
 
 def check_world_size(saved: int) -> None:
-    """Refuses a checkpoint written by another number of processes than this run has: every
-    rank's RNG state and data shard belong to one world size."""
+    """Refuses a checkpoint written by another number of processes than this run has, for
+    loops whose data order ksuit does not own (`ksuit.LoopState`); ksuit's trainer resumes
+    elastically instead (`restore_own_rank` with a seed)."""
     current = distributed.world_size()
     if saved != current:
         hint = (
@@ -97,7 +105,28 @@ def check_world_size(saved: int) -> None:
         )
 
 
-def restore_own_rank(all_ranks: dict[str, Any]) -> None:
-    """Restores this rank's entry of `capture_all_ranks()`; refuses another world size."""
-    check_world_size(int(all_ranks["world_size"]))
-    restore(all_ranks["ranks"][distributed.rank()])
+def derived_seed(seed: int, update: int, rank: int) -> int:
+    """The seed of rank `rank` when a run resumes at `update` on another world size: a fixed
+    function of the three (numpy's SeedSequence mixing), so such a resume is reproducible."""
+    entropy = [seed % 2**64, update % 2**64, rank % 2**64]
+    return int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0] % 2**63)
+
+
+def restore_own_rank(all_ranks: dict[str, Any], seed: int = 0, update: int = 0) -> dict[str, int] | None:
+    """Restores this rank's entry of `capture_all_ranks()`. A checkpoint of another world size
+    has no state for this rank's place: the generators are then seeded with
+    `derived_seed(seed, update, rank)`, and what was done is returned (None when restored)."""
+    saved = int(all_ranks["world_size"])
+    current, rank = distributed.world_size(), distributed.rank()
+    if saved == current:
+        restore(all_ranks["ranks"][rank])
+        return None
+    derived = derived_seed(seed, update, rank)
+    seed_everything(derived)
+    return {
+        "from_world_size": saved,
+        "world_size": current,
+        "update": update,
+        "seed": seed,
+        "derived_seed": derived,
+    }

@@ -31,12 +31,16 @@ from ksuit.schemas.run import (
     format_validation_error,
     validate_kwargs,
 )
+from ksuit.storage import Backend, open_backend
+from ksuit.storage.backend import WriteStream
 from ksuit.trainers.base import BaseTrainer
 from ksuit.trainers.rng import seed_everything
 from ksuit.utils import distributed
 from ksuit.utils.imports import resolve_import_path
 
 logger = logging.getLogger(__name__)
+CONFIG_NAME = "config.yaml"
+MAX_CONFIG_BYTES = 16 << 20
 
 
 @dataclass
@@ -49,8 +53,10 @@ class PreparedRun:
     initializer: Initializer | None = None
     notes: list[str] = field(default_factory=list)
 
+    mirror_dir: Path | str | None = None  # the run folder of the mirror (trainer.checkpoint_mirror)
+
     @property
-    def run_dir(self) -> Path:
+    def run_dir(self) -> Path | str:
         return self.path_provider.run_output_path
 
 
@@ -177,7 +183,11 @@ class _Chain(Initializer):
 # ---- the run --------------------------------------------------------------------------------------
 
 
-def has_checkpoints(run_dir: Path) -> bool:
+def has_checkpoints(run_dir: Path | str | None) -> bool:
+    """Whether the run folder holds checkpoints (a store that cannot be reached fails here,
+    before training: missing credentials, no such bucket, access denied)."""
+    if run_dir is None:
+        return False
     try:
         return bool(list_checkpoints(run_dir))
     except (FileNotFoundError, NotADirectoryError, ValueError):
@@ -213,15 +223,19 @@ def prepare_run(
         run_id = distributed.broadcast_object(PathProvider.generate_run_id())
     path_provider = PathProvider(output, run_id)
     run_dir = path_provider.run_output_path
+    mirror_dir = (
+        None if tc.checkpoint_mirror is None else PathProvider(tc.checkpoint_mirror, run_id).run_output_path
+    )
     notes: list[str] = []
+    where = f"{run_dir}" + (f" or its mirror {mirror_dir}" if mirror_dir is not None else "")
     if resume:
-        if not has_checkpoints(run_dir):
+        if not has_checkpoints(run_dir) and not has_checkpoints(mirror_dir):
             raise FileNotFoundError(
-                f"cannot resume: {run_dir} has no checkpoints (check --output and --run-id)"
+                f"cannot resume: {where} has no checkpoints (check --output and --run-id)"
             )
-    elif has_checkpoints(run_dir):
+    elif has_checkpoints(run_dir) or has_checkpoints(mirror_dir):
         raise FileExistsError(
-            f"run {run_dir} already has checkpoints; continue it with --resume, or choose another --run-id"
+            f"run {where} already has checkpoints; continue it with --resume, or choose another --run-id"
         )
 
     seed_everything(tc.seed)  # the model's initial weights follow from the seed
@@ -231,6 +245,15 @@ def prepare_run(
     initializers = build_initializers(config)
     trainer_kwargs = tc.model_dump(exclude={"kind"})
     trainer = trainer_cls(path_provider, callbacks=callbacks, progress=progress, **trainer_kwargs)
+    if config.retention is not None:
+        given = [i for i, cb in enumerate(config.callbacks) if cb.kwargs.get("retention") is not None]
+        if given:
+            raise config.error(
+                f"callbacks.{given[0]}.retention",
+                "retention is also set at the top level; it governs the run's whole checkpoint folder: "
+                "set it once",
+            )
+        trainer.retention = config.retention
 
     initializer: Initializer | None
     if resume:
@@ -238,10 +261,10 @@ def prepare_run(
             notes.append(
                 "resuming: the config's initializers are skipped (the weights come from the checkpoint)"
             )
-        initializer = ResumeInitializer(run_dir, resume_from)
+        initializer = ResumeInitializer(run_dir, resume_from, mirror=mirror_dir)
     else:
         initializer = _Chain(initializers) if initializers else None
-    return PreparedRun(config, path_provider, model, trainer, datasets, initializer, notes)
+    return PreparedRun(config, path_provider, model, trainer, datasets, initializer, notes, mirror_dir)
 
 
 def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
@@ -252,15 +275,17 @@ def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix.rstrip("."): value}
 
 
-def record_config(prepared: PreparedRun) -> Path | None:
+def record_config(prepared: PreparedRun) -> Path | str | None:
     """Saves the resolved config as `<run>/config.yaml` when a run starts (rank 0); when it is
-    resumed, warns about every key that differs from the saved one."""
-    path = prepared.run_dir / "config.yaml"
+    resumed, warns about every key that differs from the saved one. The run folder may be a URL."""
     if not distributed.is_rank0():
         return None
+    folder = open_backend(prepared.run_dir)
+    where = folder.file_location(CONFIG_NAME)
     data = prepared.config.model_dump(mode="json", exclude_none=True)
-    if path.exists():
-        before = _flatten(yaml.safe_load(path.read_text()) or {})
+    saved = _saved_config(folder)
+    if saved is not None:
+        before = _flatten(yaml.safe_load(saved) or {})
         now = _flatten(data)
         changed = [
             f"{k}: {before.get(k, '(unset)')} -> {now.get(k, '(unset)')}"
@@ -269,12 +294,25 @@ def record_config(prepared: PreparedRun) -> Path | None:
         ]
         if changed:
             logger.warning(
-                "the config differs from the one this run started with (%s): %s", path, "; ".join(changed)
+                "the config differs from the one this run started with (%s): %s", where, "; ".join(changed)
             )
         return None
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    return path
+    text = yaml.safe_dump(data, sort_keys=False).encode()
+
+    def write(out: WriteStream) -> None:
+        out.write(text)
+
+    folder.write_file(CONFIG_NAME, write, len(text))
+    return folder.file_ref(CONFIG_NAME)
+
+
+def _saved_config(folder: Backend) -> bytes | None:
+    try:
+        if folder.exists_as() != "folder" or not any(e.name == CONFIG_NAME for e in folder.entries()):
+            return None
+        return folder.read_small(CONFIG_NAME, MAX_CONFIG_BYTES, "run config")
+    except FileNotFoundError:
+        return None
 
 
 def run(prepared: PreparedRun) -> ModelBase:

@@ -1,16 +1,31 @@
-"""Reproducible data order: a seeded permutation per epoch, sharded over ranks, resumable mid-epoch.
+"""Reproducible data order: a seeded permutation per epoch, sharded over ranks, resumable
+mid-epoch, on any number of ranks.
 
 Epoch `e` visits the samples in `torch.randperm(n)` drawn from a generator seeded with
-`seed + e` (exactly `DistributedSampler`'s scheme, which shards it over ranks). Resuming in the
-middle of an epoch sets `skip_batches`: the same permutation is drawn and the batches already
-consumed are left out, so the run continues with the very batch it would have seen next.
+`seed + e` (exactly `DistributedSampler`'s scheme, which shards it over ranks: rank `r` of `W`
+takes `order[r::W]`). Each rank batches its shard in order, so the `i`-th batches of all ranks
+together are exactly `order[i*G:(i+1)*G]` (`G = W * batch_size`, the global batch of one forward
+pass): which samples a global step holds does not depend on the world size, only how they are
+dealt to the ranks does. Resuming in the middle of an epoch sets `skip_batches`: the same
+permutation is drawn and the steps already consumed are left out, so the run continues with
+the very samples it would have seen next, on the same number of ranks or another one (elastic
+resume keeps the global batch): every remaining sample of the epoch exactly once.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
+import torch
 from torch.utils.data import BatchSampler, DistributedSampler, Sampler
+
+
+def epoch_order(dataset_len: int, seed: int, epoch: int) -> list[int]:
+    """The global sequence of the samples of `epoch` (what `DistributedSampler` shuffles to)."""
+    g = torch.Generator()
+    g.manual_seed(seed + epoch)
+    order: list[int] = torch.randperm(dataset_len, generator=g).tolist()
+    return order
 
 
 class ResumableBatchSampler(Sampler[list[int]]):

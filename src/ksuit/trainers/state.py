@@ -1,9 +1,14 @@
 """The trainer file: everything beyond weights and optimizer states that a resume restores.
 
 `{callback_state_dicts, training_iteration, grad_scaler (float16 only), rng, data, metrics,
-train_loss}`, plain values and tensors only (it loads with `weights_only=True`). With `rng.py`
-this module is the whole resume contract: a resumed run continues exactly like an uninterrupted
-one, or loading refuses with the reason (another world size, data layout or set of callbacks).
+train_loss, elastic}`, plain values and tensors only (it loads with `weights_only=True`). With
+`rng.py` this module is the whole resume contract: a resumed run continues exactly like an
+uninterrupted one, or loading refuses with the reason (another data layout or set of callbacks).
+
+A run may resume on another number of processes (elastic): the data order does not depend on
+the world size (`ksuit.trainers.sampler`) and the global batch stays the same; every rank's RNG
+is then re-derived from (seed, update, rank) (`rng.restore_own_rank`), and each such change is
+recorded in `elastic`, which later trainer files carry on.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ def trainer_state_dict(trainer: BaseTrainer) -> dict[str, Any]:
         "updates_per_epoch": trainer.updates_per_epoch,
     }
     state.update(trainer.metric_tracker.state_dict())  # metrics, train_loss
+    state["elastic"] = [dict(event) for event in trainer.elastic_events]
     return state
 
 
@@ -57,7 +63,6 @@ def load_trainer_state_dict(trainer: BaseTrainer, state_dict: dict[str, Any], st
     missing_keys = [k for k in ("callback_state_dicts", "training_iteration", "rng") if k not in state_dict]
     if missing_keys:
         raise ValueError(f"trainer state lacks {', '.join(missing_keys)}; is it a ksuit trainer file?")
-    rng.check_world_size(int(state_dict["rng"]["world_size"]))
     check_data(trainer, state_dict.get("data", {}))
     _load_callbacks(saved_callbacks(trainer), state_dict["callback_state_dicts"], strict)
     counter = trainer.update_counter
@@ -70,7 +75,26 @@ def load_trainer_state_dict(trainer: BaseTrainer, state_dict: dict[str, Any], st
         )
     _load_grad_scaler(trainer, state_dict.get("grad_scaler"))
     trainer.metric_tracker.load_state_dict(state_dict)
-    rng.restore_own_rank(state_dict["rng"])
+    trainer.elastic_events = [dict(e) for e in state_dict.get("elastic", []) if isinstance(e, dict)]
+    event = restore_rng(trainer, state_dict["rng"])
+    if event is not None:
+        trainer.elastic_events.append(event)
+        if trainer.rank == 0:
+            logger.warning(
+                "resuming a run of %d processes on %d: model and optimizer state are resharded, the data "
+                "order continues where it stopped, and each rank's random generators are re-derived from "
+                "(seed %d, update %d, rank) (recorded in the trainer state as 'elastic')",
+                event["from_world_size"],
+                event["world_size"],
+                event["seed"],
+                event["update"],
+            )
+
+
+def restore_rng(trainer: BaseTrainer, all_ranks: dict[str, Any]) -> dict[str, Any] | None:
+    """This rank's saved generators, or (another world size) generators re-derived from
+    (seed, update, rank); returns the elastic event, None when restored as saved."""
+    return rng.restore_own_rank(all_ranks, trainer.seed, trainer.update_counter.update)
 
 
 def check_data(trainer: BaseTrainer, data: dict[str, Any]) -> None:

@@ -18,12 +18,14 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def rank() -> int:
-    return dist.get_rank() if is_distributed() else 0
+def rank(group: Any = None) -> int:
+    """This process's rank in `group` (the default group when None)."""
+    return dist.get_rank(group) if is_distributed() else 0
 
 
-def world_size() -> int:
-    return dist.get_world_size() if is_distributed() else 1
+def world_size(group: Any = None) -> int:
+    """The number of processes of `group` (the default group when None)."""
+    return dist.get_world_size(group) if is_distributed() else 1
 
 
 def is_rank0() -> bool:
@@ -35,17 +37,32 @@ def launched_by_torchrun() -> bool:
     return "WORLD_SIZE" in os.environ and "RANK" in os.environ and "MASTER_ADDR" in os.environ
 
 
+INIT_METHOD_ENV = "KSUIT_INIT_METHOD"
+
+
 def init_from_env(device_type: str) -> bool:
     """Initializes the default process group from torchrun's environment; returns whether it did.
 
     gloo on CPU, nccl on CUDA. Does nothing when not launched by torchrun or already initialized.
+    The ranks meet through torchrun's store, or, when `KSUIT_INIT_METHOD` is set (e.g.
+    `file:///shared/run/rendezvous`, a file on a file system every rank sees), through that
+    init method: no port to agree on.
     """
     if is_distributed() or not launched_by_torchrun():
         return False
     backend = "nccl" if device_type == "cuda" else "gloo"
     if device_type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend=backend)
+    init_method = os.environ.get(INIT_METHOD_ENV)
+    if init_method:
+        dist.init_process_group(
+            backend=backend,
+            init_method=init_method,
+            rank=int(os.environ["RANK"]),
+            world_size=int(os.environ["WORLD_SIZE"]),
+        )
+    else:
+        dist.init_process_group(backend=backend)
     return True
 
 
@@ -58,12 +75,15 @@ def all_gather_object(obj: Any) -> list[Any]:
     return result
 
 
-def broadcast_object(obj: Any, src: int = 0) -> Any:
-    """Rank `src`'s `obj` on every rank."""
+def broadcast_object(obj: Any, src: int = 0, group: Any = None) -> Any:
+    """Rank `src`'s `obj` on every rank (of `group`, whose rank `src` it is, when given)."""
     if not is_distributed():
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=src)
+    if group is None:
+        dist.broadcast_object_list(box, src=src)
+    else:
+        dist.broadcast_object_list(box, group=group, group_src=src)
     return box[0]
 
 

@@ -3,12 +3,18 @@
 
 from __future__ import annotations
 
+import logging
+import math
+import numbers
 from collections import OrderedDict
 from typing import Any
 
 import torch
 
 from ksuit.schemas.models import ModelBaseConfig
+from ksuit.storage.manifest import MAX_METRIC_NAME, MAX_METRICS
+
+logger = logging.getLogger(__name__)
 
 # keys of a weights file ksuit fills in itself; `extra` may not set them
 RESERVED_EXTRA = frozenset({"training_iteration", "run_id", "config_kind"})
@@ -86,3 +92,31 @@ def model_payload(
         payload["config_kind"] = model_config.config_kind
     payload.update({str(k): v for k, v in extra.items()})
     return payload
+
+
+def check_metrics(metrics: Any) -> dict[str, float] | None:
+    """The metrics a save records in its manifests (`None` or empty: none): names are non-empty
+    str of at most `MAX_METRIC_NAME` characters, at most `MAX_METRICS` of them, values int or
+    float. Non-finite values (a NaN loss) are left out with a warning: the save goes on, and no
+    `keep_best` ever keeps a set for a NaN."""
+    if metrics is None:
+        return None
+    if not isinstance(metrics, dict):
+        raise TypeError(f"metrics must be a dict of str -> float, got {type(metrics).__name__}")
+    if len(metrics) > MAX_METRICS:
+        raise ValueError(f"at most {MAX_METRICS} metrics can be recorded with a save, got {len(metrics)}")
+    recorded: dict[str, float] = {}
+    for key, value in metrics.items():
+        if not isinstance(key, str) or not 0 < len(key) <= MAX_METRIC_NAME:
+            raise ValueError(
+                f"metric name {str(key)[:100]!r} must be a non-empty str of at most {MAX_METRIC_NAME} "
+                "characters"
+            )
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"metric {key!r} must be a float, got {type(value).__name__}")
+        value = float(value)
+        if not math.isfinite(value):
+            logger.warning("metric %r is %s: not recorded with the checkpoint", key, value)
+            continue
+        recorded[key] = value
+    return recorded or None

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from ksuit.layout import LATEST
+from ksuit.layout import LAST, LATEST
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,9 @@ class SaveSpec:
     save_latest_optim: bool = False
     model_names_to_save: tuple[str, ...] | None = None
     save_frozen_weights: bool = True
+    save_last: bool = False
+    """Also write `last` in the same save (everything the spec writes under any tag): at the
+    end of training, so `last` shares the bytes of the other tags' identical files."""
 
     def __post_init__(self) -> None:
         names = self.model_names_to_save
@@ -70,12 +73,14 @@ class SaveSpec:
             save_optim=self.save_optim or self.save_latest_optim,
             save_latest_weights=False,
             save_latest_optim=False,
+            save_last=False,
         )
 
     def plan(self, checkpoint_tag: str, with_trainer: bool) -> list[TagPlan]:
         """The tags a save under `checkpoint_tag` writes: the tag itself for `save_weights` /
-        `save_optim`, plus `latest` for `save_latest_*` (one plan when the tag is `latest`). A
-        trainer file goes with the tag asked for, and with `latest` when it gets any file."""
+        `save_optim`, plus `latest` for `save_latest_*` (one plan when the tag is `latest`), plus
+        `last` with `save_last`. A trainer file goes with the tag asked for, and with `latest`
+        and `last` when they get any file."""
         plans = [TagPlan(checkpoint_tag, self.save_weights, self.save_optim, with_trainer)]
         if self.writes_latest:
             if checkpoint_tag == LATEST:
@@ -89,6 +94,9 @@ class SaveSpec:
                 ]
             else:
                 plans.append(TagPlan(LATEST, self.save_latest_weights, self.save_latest_optim, with_trainer))
+        if self.save_last and checkpoint_tag != LAST:
+            merged = self.merged()
+            plans.append(TagPlan(LAST, merged.save_weights, merged.save_optim, with_trainer))
         return plans
 
     def trainer_tags(self, checkpoint_tag: str) -> list[str]:

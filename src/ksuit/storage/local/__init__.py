@@ -20,27 +20,47 @@ that a save that returned is not lost.
    free, and a folder sitting at a final name fails the save; nothing is written either way.
    Every manifest is stamped with the save's commit sequence (`commit_sequence`), larger than
    that of each manifest it replaces and of each journal in the folder.
+   A sharded checkpoint (`..._model.dcp/`, a folder of part files written by several
+   processes) is staged as one unit: the coordinator, holding the folder lock, creates a new
+   temporary folder `.<final>.<token>.tmp/`; every rank writes its own parts into it
+   (`write_part`: created with `O_EXCL`, hashed while written, fsynced before the rank reports
+   it); once every rank reported, the coordinator checks that the folder holds exactly the
+   reported parts, fsyncs it and stages it with the total size and digest of its parts
+   (`folder_digest`). A committed folder is never written into: a newer save stages a new one.
 2. **Journal.** A journal `.ksuit-journal.<seq>.json` lists, in rename order, every staged file:
    its temporary and final name, size, checksum and the manifest of its set. It is written
    atomically (temp, fsync, rename, fsync of the folder). The instant its rename lands is the
    commit point of the save.
-3. **Switch.** The renames are applied set by set (a set's files, then its manifest), the
-   folder is fsynced, the journal is removed and the folder fsynced again; then the save
-   returns. A failure here leaves the journal; a writer looks for journals before every save
-   and recovers first, so a failed switch is completed or discarded before anything newer is
-   written.
+3. **Switch.** The renames are applied set by set (a set's files, then its manifest; a folder
+   replacing a folder of an earlier save first moves that one aside to a temporary name, which
+   is removed once the journal is gone), the folder is fsynced, the journal is removed and
+   the folder fsynced again; then the save returns. A failure here leaves the journal; a
+   writer looks for journals before every save and recovers first, so a failed switch is
+   completed or discarded before anything newer is written.
 4. **Recover.** Before a writer's first save in a process, before any save that finds a
    journal, and before resume or `ksuit verify` read the folder (`ksuit.storage.local.recovery`).
    Journals are untrusted: one is read only if it is a regular file (lstat, never through a
    symlink) of at most 4 MiB whose entries name plain files in the folder, each temporary name
    of ksuit's grammar for its final name; any other journal is refused with an error naming
    it before anything changes. Then, oldest first, a journal is *completed* when every file it
-   lists is intact (size and checksum) at its temporary name or already renamed into place;
+   lists is intact (size and checksum; a folder: exactly the parts of its recorded digest) at
+   its temporary name or already renamed into place;
    *discarded* with its temporary files when one is not (the save never fully committed; the
    previous set was never touched, so it stands); never rolled forward over a set whose
    manifest carries a newer commit sequence; and *left pending*, reported, when it cannot be
-   applied (a folder at a final name, a read-only folder). Finally the temporary files of
-   ksuit's grammar that no pending journal names are deleted; no other file is.
+   applied (a folder at a file's final name, a read-only folder). Finally the temporary files
+   of ksuit's grammar that no pending journal names are deleted, and the temporary folders of
+   sharded checkpoints (entries unlinked, links never followed; a subfolder inside is reported
+   and left); nothing else is.
+
+Files with identical bytes in one save (a progress tag's and `latest`'s optimizer state) are
+staged once and *hard-linked* under the second name (`LocalSetTransaction.stage_same`; a copy
+where the file system refuses links); each name is an ordinary file of its set, listed in the
+journal with the same size and checksum, and deleting one keeps the other.
+
+Retention deletes a committed set by a journal of its own (`ksuit.storage.local.deletion`):
+journal first (the commit point of the delete), then the manifest (the set is invisible), then
+the files; recovery finishes an interrupted delete.
 
 A crash before the journal lands leaves the old set and some temporary files (deleted on
 recovery); a crash after leaves a journal that recovery completes. Either way each manifest
@@ -55,8 +75,9 @@ process per folder; readers may come and go: set switches, recovery and readers 
 quiet folder hold the folder lock (`ksuit.storage.local.locking`: `flock` on the folder).
 
 Modules: `files` (fsync, hashing sink, atomic single file, durable folders), `direct_io`
-(O_DIRECT streams for large files), `staging` (stage, journal, switch), `journal`, `recovery`,
-`locking`, `safe_files`.
+(O_DIRECT streams for large files), `staging` (stage, journal, switch), `folders` (staged
+folders of sharded checkpoints), `deletion` (set deletes), `journal`, `recovery`, `locking`,
+`safe_files`.
 """
 
 from __future__ import annotations
@@ -64,11 +85,12 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Literal
 
-from ksuit.layout import is_plain_filename
+from ksuit.layout import is_part_filename, is_plain_filename, is_sharded_filename, temp_final_name
 from ksuit.storage.backend import (
     Backend,
     Entry,
@@ -76,9 +98,11 @@ from ksuit.storage.backend import (
     PendingSwitchError,
     RecoveryReport,
     SetTransaction,
+    StagedFolder,
     WriteFn,
     WrittenFile,
 )
+from ksuit.storage.local.deletion import delete_set
 from ksuit.storage.local.direct_io import open_stream
 from ksuit.storage.local.files import (
     HashingSink,
@@ -88,6 +112,7 @@ from ksuit.storage.local.files import (
     make_folder_durable,
     write_file_atomic,
 )
+from ksuit.storage.local.folders import is_real_folder, move_aside, remove_folder
 from ksuit.storage.local.locking import folder_lock
 from ksuit.storage.local.recovery import ensure_recovered, journal_sequences, recover_folder
 from ksuit.storage.local.safe_files import (
@@ -183,8 +208,10 @@ class LocalBackend(Backend):
                     continue
                 if stat.S_ISDIR(st.st_mode):
                     continue
-                problem = None if stat.S_ISREG(st.st_mode) else not_regular_problem(st.st_mode)
-                result.append(Entry(e.name, st.st_size, problem))
+                regular = stat.S_ISREG(st.st_mode)
+                problem = None if regular else not_regular_problem(st.st_mode)
+                file_id = f"{st.st_dev}:{st.st_ino}" if regular else None
+                result.append(Entry(e.name, st.st_size, problem, file_id))
         return sorted(result, key=lambda x: x.name)
 
     def read_small(self, name: str, max_bytes: int, what: str) -> bytes:
@@ -254,11 +281,44 @@ class LocalBackend(Backend):
             size, checksum = write_file_atomic(path, through_stream, expected_nbytes or None)
         return WrittenFile(str(path), name, size, checksum)
 
+    def write_part(
+        self, staged: StagedFolder, part: str, write: WriteFn, expected_nbytes: int = 0
+    ) -> WrittenFile:
+        if temp_final_name(staged.key) != staged.name or not is_sharded_filename(staged.name):
+            raise ValueError(f"{staged!r} is not a staged sharded checkpoint folder")
+        if not is_part_filename(part):
+            raise ValueError(f"{part!r} is not a part name of a sharded checkpoint folder")
+        folder = self._file(staged.key)
+        if not is_real_folder(folder):
+            raise FileNotFoundError(
+                2,
+                f"the staged folder {folder} is gone: the save was abandoned by its coordinator",
+                str(folder),
+            )
+        path = folder / part
+        start = time.perf_counter()
+        sink = HashingSink(path)  # O_EXCL: a part is written once, by one process
+        try:
+            with open_stream(sink, expected_nbytes) as out:
+                write(out)
+            sink.fsync_and_close()
+        except BaseException:
+            sink.close()
+            path.unlink(missing_ok=True)
+            raise
+        return WrittenFile(str(path), part, sink.nbytes, sink.hexdigest(), time.perf_counter() - start)
+
     def delete(self, names: Sequence[str]) -> None:
+        """Removes files and sharded checkpoint folders; a folder first moves to a temporary name
+        (one atomic step), so a crash never leaves a partial folder under its checkpoint name."""
         paths = [self._file(n) for n in names]
         with folder_lock(self.path):
-            removed = False
+            removed, aside = False, []
             for path in paths:
+                if is_sharded_filename(path.name) and is_real_folder(path):
+                    aside.append(move_aside(path))
+                    removed = True
+                    continue
                 try:
                     os.unlink(path)
                     removed = True
@@ -266,6 +326,29 @@ class LocalBackend(Backend):
                     continue
             if removed:
                 fsync_dir(self.path)
+            for folder in aside:
+                remove_folder(folder)
+
+    def make_durable(self, names: Sequence[str]) -> None:
+        paths = [self._file(n) for n in names]
+        for path in paths:
+            fd = open_regular(path)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(self.path)
+
+    def delete_set(self, manifest: str) -> None:
+        """Journaled: see `ksuit.storage.local.deletion`."""
+        if not is_plain_filename(manifest):
+            raise ValueError(f"{manifest!r} is not a plain file name inside {self.path}")
+        with folder_lock(self.path):
+            pending = journal_sequences(self.path)
+            if pending:
+                recover_folder(self.path)
+                pending = journal_sequences(self.path)
+            delete_set(self.path, manifest, max(pending, default=0))
 
     # ---- housekeeping ----------------------------------------------------------------------
     def lock(self) -> contextlib.AbstractContextManager[object]:
@@ -275,8 +358,12 @@ class LocalBackend(Backend):
         return recover_folder(self.path)
 
     def free_bytes(self) -> int | None:
+        """Free bytes of the file system the folder is (or, before it exists, will be) on."""
+        probe = self.path
+        while not probe.is_dir() and probe.parent != probe:
+            probe = probe.parent
         try:
-            return disk_free_bytes(self.path)
+            return disk_free_bytes(probe)
         except OSError:
             return None
 

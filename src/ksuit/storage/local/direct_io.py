@@ -51,7 +51,7 @@ def direct_io_enabled() -> bool:
 def _bounce_buffers() -> list[mmap.mmap]:
     """Two page-aligned bounce buffers per thread, kept: touched memory is fast memory."""
     buffers: list[mmap.mmap] | None = getattr(_local, "buffers", None)
-    if buffers is None:
+    if buffers is None or len(buffers[0]) != BOUNCE_BYTES:  # made anew when the size changed
         buffers = _local.buffers = [mmap.mmap(-1, BOUNCE_BYTES) for _ in range(2)]
     return buffers
 

@@ -1,15 +1,21 @@
-"""The journal of a set switch: what it records, how it is encoded, and how recovery reads it.
+"""The journal of a set switch or set delete: what it records, how it is encoded, and how
+recovery reads it.
 
 A journal `.ksuit-journal.<seq>.json` lands (atomically) at the commit point of a save. It
 lists, in rename order, every staged file of the save: its temporary name, its final name, its
 size and xxh3-64 checksum, and the manifest of the set it belongs to; `seq` is the save's
 commit sequence, also stamped into every manifest the save writes.
 
+A *delete journal* (same name, a `delete` record instead of `files`) lands at the commit point
+of a set delete (`ksuit.storage.local.deletion`): the manifest of the set, the commit sequence
+that manifest carries, and every file it lists with size and checksum.
+
 Recovery treats a journal as untrusted input (anyone who can write the folder can plant one):
 it is read only if it is a regular file (never through a symlink) of at most
 `MAX_JOURNAL_BYTES`, and every entry must name plain files inside the folder, the temporary
-name following ksuit's temp grammar for its final name (`.<final>.<8 hex>.tmp`). Anything else
-is refused with an error naming the journal, before recovery acts on any journal.
+name following ksuit's temp grammar for its final name (`.<final>.<8 hex>.tmp`); a delete
+journal may only name a manifest and checkpoint files of that manifest's tag, each once.
+Anything else is refused with an error naming the journal, before recovery acts on any journal.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from pathlib import Path
 from ksuit.layout import (
     is_plain_filename,
     journal_sequence,
+    parse_checkpoint_filename,
     parse_manifest_filename,
     temp_final_name,
 )
@@ -46,11 +53,31 @@ class JournalEntry:
 
 
 @dataclass(frozen=True)
+class DeletedFile:
+    """One file of a set being deleted, as its manifest recorded it."""
+
+    name: str
+    size: int
+    checksum: str
+
+
+@dataclass(frozen=True)
+class DeleteRecord:
+    """A set delete: its manifest, the commit sequence that manifest carried (0: none), and
+    the files it listed."""
+
+    manifest: str
+    commit_sequence: int
+    files: tuple[DeletedFile, ...]
+
+
+@dataclass(frozen=True)
 class Journal:
     path: Path
     sequence: int
     entries: tuple[JournalEntry, ...]
     legacy: bool = False  # version 1: renames only, no sizes, checksums or manifests
+    delete: DeleteRecord | None = None  # a delete journal: no entries, this record
 
     @property
     def name(self) -> str:
@@ -66,6 +93,12 @@ def encode_journal(sequence: int, entries: list[JournalEntry]) -> bytes:
         for e in entries
     ]
     return json.dumps({"version": JOURNAL_VERSION, "sequence": sequence, "files": files}).encode()
+
+
+def encode_delete_journal(sequence: int, record: DeleteRecord) -> bytes:
+    files = [{"name": f.name, "size": f.size, "checksum": f.checksum} for f in record.files]
+    delete = {"manifest": record.manifest, "commit_sequence": record.commit_sequence, "files": files}
+    return json.dumps({"version": JOURNAL_VERSION, "sequence": sequence, "delete": delete}).encode()
 
 
 def read_journal(path: Path) -> Journal:
@@ -86,6 +119,10 @@ def read_journal(path: Path) -> Journal:
         raise _corrupt(path, f"is not a version {JOURNAL_VERSION} ksuit journal")
     if doc.get("sequence") != sequence:
         raise _corrupt(path, f"records sequence {doc.get('sequence')!r}, its name says {sequence}")
+    if "delete" in doc:
+        if "files" in doc:
+            raise _corrupt(path, "records both a save and a delete")
+        return Journal(path, sequence, (), delete=_delete_record(path, doc["delete"]))
     files = doc.get("files")
     if not isinstance(files, list):
         raise _corrupt(path, "has no list of files")
@@ -178,3 +215,41 @@ def _check_unique(path: Path, entries: tuple[JournalEntry, ...]) -> None:
     temps = [e.temp for e in entries]
     if len(set(finals)) != len(finals) or len(set(temps)) != len(temps):
         raise _corrupt(path, "names a file twice")
+
+
+def _delete_record(path: Path, item: object) -> DeleteRecord:
+    if not isinstance(item, dict):
+        raise _corrupt(path, f"has a delete record that is not an object: {str(item)[:200]!r}")
+    manifest, sequence, files = item.get("manifest"), item.get("commit_sequence"), item.get("files")
+    parsed = (
+        parse_manifest_filename(manifest)
+        if isinstance(manifest, str) and is_plain_filename(manifest)
+        else None
+    )
+    if parsed is None or not isinstance(manifest, str):
+        raise _unsafe(path, f"deletes {str(manifest)[:200]!r} as a manifest, which is not a manifest name")
+    if not isinstance(sequence, int) or isinstance(sequence, bool) or sequence < 0:
+        raise _corrupt(path, f"records commit sequence {sequence!r} for {manifest!r}")
+    if not isinstance(files, list):
+        raise _corrupt(path, "has no list of files to delete")
+    tag = parsed[1]
+    result = []
+    for entry in files:
+        if not isinstance(entry, dict):
+            raise _corrupt(path, f"has a file to delete that is not an object: {str(entry)[:200]!r}")
+        name, size, checksum = entry.get("name"), entry.get("size"), entry.get("checksum")
+        checkpoint = (
+            parse_checkpoint_filename(name) if isinstance(name, str) and is_plain_filename(name) else None
+        )
+        if checkpoint is None or checkpoint.tag != tag or not isinstance(name, str):
+            raise _unsafe(
+                path, f"deletes {str(name)[:200]!r}, which is not a checkpoint file of the set {manifest!r}"
+            )
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise _corrupt(path, f"records size {size!r} for {name!r}")
+        if not isinstance(checksum, str) or not _CHECKSUM_RE.match(checksum):
+            raise _corrupt(path, f"records checksum {checksum!r} for {name!r}")
+        result.append(DeletedFile(name, size, checksum))
+    if len({f.name for f in result}) != len(result):
+        raise _corrupt(path, "names a file twice")
+    return DeleteRecord(manifest, sequence, tuple(result))

@@ -14,6 +14,10 @@ acted on (`ksuit.storage.journal`); then, oldest first, each journal is
 - *left pending* and reported when it cannot be applied (a folder sits at a final name, the
   folder is read-only): nothing it would replace is touched and every other set stays usable.
 
+A delete journal (an interrupted set delete of retention) is *finished*
+(`ksuit.storage.local.deletion.finish_delete`): the set's manifest and files go, unless the
+set was written again since.
+
 Temporary files of ksuit's grammar that no pending journal names are then deleted; nothing else
 is. Recovery that cannot write reports what it could not do instead of raising.
 """
@@ -28,10 +32,18 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ksuit.layout import is_journal_filename, is_temp_filename, journal_sequence
-from ksuit.storage.backend import PendingSwitch, RecoveryReport
+from ksuit.layout import (
+    is_journal_filename,
+    is_sharded_filename,
+    is_temp_filename,
+    journal_sequence,
+    temp_final_name,
+)
+from ksuit.storage.backend import PendingSwitch, RecoveryReport, folder_digest
 from ksuit.storage.errors import UnsafeCheckpointError
+from ksuit.storage.local.deletion import finish_delete
 from ksuit.storage.local.files import fsync_dir
+from ksuit.storage.local.folders import folder_parts, is_real_folder, move_aside, remove_folder
 from ksuit.storage.local.journal import Journal, JournalEntry, read_journal
 from ksuit.storage.local.locking import folder_lock
 from ksuit.storage.local.safe_files import hash_regular_file, read_regular
@@ -82,6 +94,9 @@ def _read_journals(folder: Path) -> list[Journal]:
 
 
 def _recover_journal(folder: Path, journal: Journal, report: RecoveryReport, keep: set[str]) -> None:
+    if journal.delete is not None:
+        _recover_delete(folder, journal, report)
+        return
     try:
         plan = _plan(folder, journal)
         if plan.action == "apply":
@@ -102,6 +117,18 @@ def _recover_journal(folder: Path, journal: Journal, report: RecoveryReport, kee
     report.problems.append(reason)
 
 
+def _recover_delete(folder: Path, journal: Journal, report: RecoveryReport) -> None:
+    try:
+        finish_delete(folder, journal, report)
+    except OSError as e:
+        reason = (
+            f"could not finish the interrupted delete recorded in {journal.path} ({e}); fix the cause "
+            "(e.g. make the folder writable) and run `ksuit verify` on the run"
+        )
+        report.pending.append(PendingSwitch(journal.name, frozenset(), reason))
+        report.problems.append(reason)
+
+
 def _plan(folder: Path, journal: Journal) -> _Plan:
     newer = _superseded_manifests(folder, journal)
     live = [e for e in journal.entries if not _is_superseded(e, newer)]
@@ -119,15 +146,16 @@ def _plan(folder: Path, journal: Journal) -> _Plan:
             drop_temps=[e.temp for e in journal.entries],
             reason=f"not every file of the save was staged intact ({', '.join(broken)})",
         )
-    obstacles = [e.final for e in staged if _is_folder(folder / e.final)]
+    obstacles = [e.final for e in staged if _blocked(folder / e.final)]
     if obstacles:
         return _Plan(
             "pending",
             reason=(
                 f"journal {journal.path} cannot be completed: {', '.join(obstacles)} in {folder} is a "
-                "folder where the save puts a file. Move it away, then run `ksuit verify` on the run "
-                "(or save again) to complete that save; until then the files it would replace are "
-                "untouched and every other set stays usable"
+                "folder where the save puts a file (or a file where it puts a sharded checkpoint "
+                "folder). Move it away, then run `ksuit verify` on the run (or save again) to "
+                "complete that save; until then the files it would replace are untouched and every "
+                "other set stays usable"
             ),
         )
     return _Plan("apply", renames=staged, drop_temps=stale)
@@ -155,10 +183,29 @@ def manifest_sequence(path: Path) -> int:
     return seq if isinstance(seq, int) and not isinstance(seq, bool) else 0
 
 
+def _blocked(final: Path) -> bool:
+    """Whether the rename onto `final` would fail: a folder where a file goes, or anything but a
+    folder where a sharded checkpoint folder goes (an old folder there is moved aside)."""
+    if is_sharded_filename(final.name):
+        return os.path.lexists(final) and not is_real_folder(final)
+    return _is_folder(final)
+
+
+def _folder_intact(path: Path, entry: JournalEntry) -> bool:
+    parts = folder_parts(path)
+    return not isinstance(parts, str) and folder_digest(parts) == (entry.size, entry.checksum)
+
+
 def _entry_state(folder: Path, entry: JournalEntry) -> str:
     """ "staged" (intact at its temporary name), "applied" (intact at its final name, no longer
     staged) or "broken"."""
     temp, final = folder / entry.temp, folder / entry.final
+    if is_sharded_filename(entry.final) and entry.size is not None:  # a folder: every part intact
+        if _folder_intact(temp, entry):
+            return "staged"
+        if not os.path.lexists(temp) and _folder_intact(final, entry):
+            return "applied"
+        return "broken"
     if entry.size is None:  # a journal of an older ksuit: no sizes or checksums to check
         if not os.path.lexists(temp):
             return "applied"
@@ -179,13 +226,19 @@ def _is_folder(path: Path) -> bool:
 
 
 def _apply(folder: Path, journal: Journal, plan: _Plan, report: RecoveryReport) -> None:
+    replaced = []
     for entry in plan.renames:
-        os.replace(folder / entry.temp, folder / entry.final)
+        final = folder / entry.final
+        if is_sharded_filename(entry.final) and is_real_folder(final):
+            replaced.append(move_aside(final))  # the folder of the set this save replaces
+        os.replace(folder / entry.temp, final)
         report.rolled_forward.append(entry.final)
     _unlink_temps(folder, plan.drop_temps, report)
     fsync_dir(folder)
     os.unlink(journal.path)
     fsync_dir(folder)
+    for old in replaced:
+        _remove_temp_folder(old, report)
     if plan.drop_temps:
         report.discarded.append(f"{journal.name}: sets replaced by a later save were not rolled back")
 
@@ -199,10 +252,33 @@ def _discard(folder: Path, journal: Journal, plan: _Plan, report: RecoveryReport
     logger.warning("discarded the uncommitted save %s in %s: %s", journal.name, folder, plan.reason)
 
 
+def _is_staged_folder_name(name: str) -> bool:
+    """A temporary name ksuit gives a staged (or replaced) sharded checkpoint folder."""
+    final = temp_final_name(name)
+    return final is not None and is_sharded_filename(final)
+
+
+def _remove_temp_folder(path: Path, report: RecoveryReport) -> bool:
+    try:
+        problem = remove_folder(path)
+    except OSError as e:
+        problem = (
+            f"could not remove the staged folder {path} ({e.strerror}); it belongs to no committed "
+            "save and readers ignore it: delete it once the folder is writable"
+        )
+    if problem:
+        report.problems.append(problem)
+        return False
+    report.removed_temps.append(path.name)
+    return True
+
+
 def _unlink_temps(folder: Path, names: list[str], report: RecoveryReport) -> None:
     for name in names:
         path = folder / name
         if _is_folder(path):
+            if _is_staged_folder_name(name):
+                _remove_temp_folder(path, report)
             continue
         try:
             os.unlink(path)
@@ -218,6 +294,9 @@ def _remove_leftover_temps(folder: Path, keep: set[str], report: RecoveryReport)
     for name in names:
         path = folder / name
         if _is_folder(path):
+            if _is_staged_folder_name(name):
+                removed = _remove_temp_folder(path, report) or removed
+                continue
             report.problems.append(f"{path} is a folder named like a ksuit temporary file; move it away")
             continue
         try:
@@ -244,6 +323,8 @@ def _log(folder: Path, report: RecoveryReport) -> None:
         logger.warning(
             "completed an interrupted checkpoint save in %s: %s", folder, ", ".join(report.rolled_forward)
         )
+    if report.deleted:
+        logger.warning("finished an interrupted set delete in %s: %s", folder, ", ".join(report.deleted))
     if report.removed_temps:
         logger.info("removed %d leftover temporary files in %s", len(report.removed_temps), folder)
     for problem in report.problems:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import logging
 import os
 import queue
 import stat
@@ -25,8 +26,15 @@ from pathlib import Path
 
 from typing_extensions import Buffer
 
-from ksuit.layout import journal_filename
-from ksuit.storage.backend import SetTransaction, WriteFn, WriteStream, WrittenFile
+from ksuit.layout import is_sharded_filename, journal_filename
+from ksuit.storage.backend import (
+    SetTransaction,
+    StagedFolder,
+    WriteFn,
+    WriteStream,
+    WrittenFile,
+    folder_digest,
+)
 from ksuit.storage.local.direct_io import MIN_DIRECT_BYTES, open_stream
 from ksuit.storage.local.files import (
     HashingSink,
@@ -37,7 +45,18 @@ from ksuit.storage.local.files import (
     new_temp_path,
     write_file_atomic,
 )
+from ksuit.storage.local.folders import (
+    is_real_folder,
+    listed_sizes,
+    make_staged_folder,
+    move_aside,
+    remove_folder,
+)
 from ksuit.storage.local.journal import JournalEntry, encode_journal
+
+logger = logging.getLogger(__name__)
+
+COPY_CHUNK = 8 << 20
 
 MAX_OPEN_STAGED = 256  # staged files kept open for one fsync batch
 FSYNC_THREADS = 8  # concurrent fsyncs a batch uses at most
@@ -131,19 +150,30 @@ class _Staged:
     size: int
     checksum: str
     manifest: str | None
+    folder: bool = False  # a staged folder (sharded checkpoint), switched whole
 
     def entry(self) -> JournalEntry:
         return JournalEntry(self.temp.name, self.final.name, self.size, self.checksum, self.manifest)
 
 
 def refuse_blocked_finals(folder: Path, names: Sequence[str]) -> None:
-    """A folder at a final name would make the switch fail after its commit point: refuse the
-    save before anything is written."""
+    """A folder at a file's final name, or anything but a folder at a sharded checkpoint's,
+    would make the switch fail after its commit point: refuse the save before anything is
+    written."""
     for name in names:
         path = folder / name
         try:
             mode = os.lstat(path).st_mode
         except FileNotFoundError:
+            continue
+        if is_sharded_filename(name):
+            if not stat.S_ISDIR(mode):
+                raise FileExistsError(
+                    errno.EEXIST,
+                    f"cannot save {path}: a file or link is in the way of this sharded checkpoint "
+                    "folder; move or remove it and save again (nothing of this save was written)",
+                    str(path),
+                )
             continue
         if stat.S_ISDIR(mode):
             raise IsADirectoryError(
@@ -169,6 +199,7 @@ class LocalSetTransaction(SetTransaction):
         self.sequence_floor = floor
         self.staged: list[_Staged] = []
         self.temps: list[Path] = []
+        self.temp_folders: dict[str, Path] = {}  # final name -> staged folder
         self.current: Path = folder  # what is being written, for an ENOSPC message
         self.sink: HashingSink | None = None
         self.unsynced: list[HashingSink] = []  # written, open, not yet fsynced
@@ -211,6 +242,72 @@ class LocalSetTransaction(SetTransaction):
                 self.current = self.sink.path
             raise
 
+    def stage_folder(self, name: str) -> StagedFolder:
+        if not is_sharded_filename(name) or name not in self.manifest_of:
+            raise ValueError(f"{name!r} is not a sharded checkpoint folder of this save")
+        if name in self.temp_folders:
+            raise ValueError(f"{name!r} is already staged in this save")
+        final = self.folder / name
+        self.current = final
+        temp = make_staged_folder(final)
+        self.temp_folders[name] = temp
+        return StagedFolder(name, temp.name)
+
+    def add_folder(self, staged: StagedFolder, parts: Sequence[WrittenFile]) -> WrittenFile:
+        temp = self.temp_folders.get(staged.name)
+        if temp is None or temp.name != staged.key:
+            raise ValueError(f"{staged.name!r} was not staged by this save")
+        expected = {p.name: (p.size, p.checksum) for p in parts}
+        if len(expected) != len(parts):
+            raise ValueError(f"two processes wrote the same part of {staged.name}")
+        found = listed_sizes(temp)
+        sizes = {name: size for name, (size, _) in expected.items()}
+        if found != sizes:
+            raise RuntimeError(
+                f"the staged folder {temp} holds {sorted(found)} but the ranks wrote {sorted(sizes)}; "
+                "the save is abandoned (the previous checkpoint is intact)"
+            )
+        fsync_dir(temp)  # every rank's part names are durable before the journal names them
+        size, checksum = folder_digest(expected)
+        final = self.folder / staged.name
+        self.staged.append(_Staged(temp, final, size, checksum, self.manifest_of.get(staged.name), True))
+        return WrittenFile(str(final), staged.name, size, checksum)
+
+    def stage_same(self, name: str, same_as: str) -> WrittenFile:
+        """`name` as a hard link of the staged `same_as` (one inode, its bytes written once), or,
+        where the file system refuses links, a copy of its bytes; either way staged like any
+        file: the journal lists it with the same size and checksum, and the switch renames it."""
+        source = next((s for s in self.staged if s.final.name == same_as), None)
+        if source is None:
+            raise ValueError(f"{same_as!r} is not staged in this save; stage it before {name!r}")
+        final = self.folder / name
+        self.current = final
+        tmp = new_temp_path(final)
+        start = time.perf_counter()
+        self.temps.append(tmp)
+        shared: str | None = same_as
+        try:
+            os.link(source.temp, tmp)
+        except OSError:  # EXDEV, EPERM, EMLINK, ENOTSUP, ...: the bytes once more
+            shared = None
+            self._copy(source, tmp)
+        self.staged.append(_Staged(tmp, final, source.size, source.checksum, self.manifest_of.get(name)))
+        seconds = time.perf_counter() - start
+        return WrittenFile(str(final), name, source.size, source.checksum, seconds, shared_with=shared)
+
+    def _copy(self, source: _Staged, tmp: Path) -> None:
+        self.sink = sink = HashingSink(tmp)
+        fd = os.open(source.temp, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        try:
+            while chunk := os.read(fd, COPY_CHUNK):
+                sink.write(chunk)
+            sink.fsync_and_close()
+        finally:
+            os.close(fd)
+            sink.close()
+        if (sink.nbytes, sink.hexdigest()) != (source.size, source.checksum):
+            raise OSError(errno.EIO, f"the copy {tmp} of {source.temp} differs from it; nothing was saved")
+
     def commit(self, manifests: Sequence[tuple[str, bytes]], sequence: int) -> None:
         for name, data in manifests:
             self._stage(name, functools.partial(_write_all, data=data), len(data), name)
@@ -235,6 +332,8 @@ class LocalSetTransaction(SetTransaction):
         free = disk_free_bytes(self.folder) if full else 0  # before cleanup frees the staged bytes
         for tmp in self.temps:
             tmp.unlink(missing_ok=True)
+        for temp in self.temp_folders.values():
+            remove_folder(temp)  # what it cannot remove, recovery reports later
         return enospc_error(self.current, self.needed_bytes, free) if full else None
 
 
@@ -293,10 +392,17 @@ def _switch(folder: Path, journal: Path, order: list[_Staged]) -> None:
     The files replaced (the previous set) and the journal are held open while they are renamed
     over or unlinked, and let go of by a helper thread: freeing a file's blocks happens when its
     last reference goes, and took 2.5 ms per file inside `rename` on the `make bench` disk (ext4
-    with `discard`), most of a small set's save."""
-    held = [fd for fd in (_hold(s.final) for s in order) if fd is not None]
+    with `discard`), most of a small set's save.
+
+    A folder replaces the folder of an earlier save in two renames: the old one moves aside to a
+    temporary name, the new one takes its place; a crash between them leaves the journal, and
+    recovery renames the staged folder into place and removes the old one."""
+    held = [fd for fd in (_hold(s.final) for s in order if not s.folder) if fd is not None]
+    replaced: list[Path] = []
     try:
         for s in order:
+            if s.folder and is_real_folder(s.final):
+                replaced.append(move_aside(s.final))
             os.replace(s.temp, s.final)
         fsync_dir(folder)
         held += [fd for fd in [_hold(journal)] if fd is not None]
@@ -307,6 +413,13 @@ def _switch(folder: Path, journal: Path, order: list[_Staged]) -> None:
         raise
     finally:
         _RELEASER.release(held)
+    for old in replaced:  # no longer any set's: what is left is a temporary folder recovery removes
+        try:
+            problem = remove_folder(old)
+        except OSError as e:
+            problem = f"could not remove {old} ({e})"
+        if problem:
+            logger.warning("after a save: %s; recovery removes it later", problem)
 
 
 def _hold(path: Path) -> int | None:
