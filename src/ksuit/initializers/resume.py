@@ -15,7 +15,7 @@ from ksuit.readers import (
     load_resume_set,
     select_resume_set,
 )
-from ksuit.readers.leaf_loading import load_leaf_optimizer, load_leaf_weights
+from ksuit.readers.resume_set import restore_leaves, resume_files
 from ksuit.storage.locations import is_url
 from ksuit.utils.training import TrainingIteration
 
@@ -57,13 +57,7 @@ class ResumeInitializer(Initializer):
         self.skipped: list[tuple[str, str]] = []
 
     def required_files(self, trainer: BaseTrainer) -> list[tuple[str, str]]:
-        required = []
-        for name, leaf in trainer.model.iter_leaves():
-            if not leaf.is_frozen:
-                required.append((name, "model"))
-            if leaf.optimizer is not None:
-                required.append((name, "optim"))
-        return required
+        return resume_files(trainer.model)[0]
 
     def select(self, trainer: BaseTrainer) -> CheckpointSet:
         """The set a resume would start from (every file checked against its manifest), without
@@ -109,12 +103,7 @@ class ResumeInitializer(Initializer):
         the copy holding the newest usable set is found first (`select`), then that set is loaded
         from it in the same way."""
         group = trainer.model.name
-        wanted = [(group, "trainer")]
-        for name, leaf in trainer.model.iter_leaves():
-            wanted.append((name, "model"))
-            if leaf.optimizer is not None:
-                wanted.append((name, "optim"))
-        required = self.required_files(trainer)
+        required, wanted = resume_files(trainer.model)
         if self.mirror is None:
             loaded = load_resume_set(
                 find_checkpoint_dir(self.run_dir), group, self.checkpoint, required, wanted
@@ -131,18 +120,8 @@ class ResumeInitializer(Initializer):
         from it. A sharded checkpoint folder is loaded resharded for this run's ranks."""
         loaded = self._load(trainer)
         chosen, payloads = loaded.chosen, loaded.payloads
-        for name, leaf in trainer.model.iter_leaves():
-            weights = chosen.file(name, "model")
-            if weights is None:
-                logger.warning(
-                    "no weights of frozen %s in '%s'; it keeps its current weights", name, chosen.tag
-                )
-            else:  # a file (loaded above) or a sharded folder, resharded
-                load_leaf_weights(leaf, weights.path, payloads.get((name, "model")))
-            if leaf.optimizer is not None:
-                optim = chosen.file(name, "optim")
-                assert optim is not None  # only sets with every required file are chosen
-                load_leaf_optimizer(leaf, optim.path, payloads.get((name, "optim")))
+        for name in restore_leaves(trainer.model, loaded):
+            logger.warning("no weights of frozen %s in '%s'; it keeps its current weights", name, chosen.tag)
         trainer.load_state_dict(payloads[(trainer.model.name, "trainer")], strict=self.strict)
         trainer.resumed_from = ResumePoint(
             chosen.folder.ref, chosen.tag, trainer.update_counter.cur_iteration.copy()

@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ksuit.layout import is_sharded_filename
+from ksuit.models.base import ModelBase
+from ksuit.readers.leaf_loading import load_leaf_optimizer, load_leaf_weights
 from ksuit.readers.listing import checkpoint_folder
 from ksuit.readers.sets import CheckpointSet, choose_set, problems_text
 from ksuit.storage import Backend, Location, OpenedFile, load_opened
@@ -158,3 +160,40 @@ def _start(work: Any) -> threading.Thread | None:
     except RuntimeError:
         return None
     return thread
+
+
+def resume_files(model: ModelBase) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """`(required, load)` for resuming `model` with `load_resume_set`: a set must hold the weights
+    of every leaf that trains and the state of every optimizer; loaded are those, the weights of
+    frozen leaves where the set has them, and the trainer (or loop) state."""
+    required: list[tuple[str, str]] = []
+    load: list[tuple[str, str]] = [(model.name, "trainer")]
+    for name, leaf in model.iter_leaves():
+        load.append((name, "model"))
+        if not leaf.is_frozen:
+            required.append((name, "model"))
+        if leaf.optimizer is not None:
+            required.append((name, "optim"))
+            load.append((name, "optim"))
+    return required, load
+
+
+def restore_leaves(model: ModelBase, loaded: LoadedSet) -> list[str]:
+    """Loads the weights and optimizer state of every leaf of `model` from the set `loaded`
+    (chosen with `resume_files(model)`): a file from the payload loaded with it, a sharded
+    folder resharded for this run's ranks. Returns the leaves the set has no weights of (frozen
+    ones, which keep their current weights)."""
+    chosen, payloads = loaded.chosen, loaded.payloads
+    kept = []
+    for name, leaf in model.iter_leaves():
+        weights = chosen.file(name, "model")
+        if weights is None:
+            kept.append(name)
+        else:
+            load_leaf_weights(leaf, weights.path, payloads.get((name, "model")))
+        if leaf.optimizer is not None:
+            optim = chosen.file(name, "optim")
+            if optim is None:  # never for a set chosen with resume_files' required files
+                raise FileNotFoundError(f"the set '{chosen.tag}' has no optimizer state of {name}")
+            load_leaf_optimizer(leaf, optim.path, payloads.get((name, "optim")))
+    return kept
