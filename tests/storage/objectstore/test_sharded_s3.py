@@ -151,7 +151,9 @@ def test_a_sharded_folder_exports_from_s3(s3, tmp_path):
     url = folder_url(s3)
     SetWriter(url).write(sharded_files(0), run_id="r")
     export_sharded(open_backend(url).child(MODEL), "torch", open_backend(tmp_path), "m.th")
-    assert_bitwise_equal(torch.load(tmp_path / "m.th", weights_only=True)["state_dict"], weights(0)["state_dict"])
+    assert_bitwise_equal(
+        torch.load(tmp_path / "m.th", weights_only=True)["state_dict"], weights(0)["state_dict"]
+    )
 
 
 def test_a_local_sharded_set_is_mirrored_to_s3_as_folders(s3, tmp_path):
