@@ -11,21 +11,31 @@ checksum did not change. A job that fails is retried (`attempts`, with backoff),
 (logged, and kept in `failures`); it never blocks training and never touches the local set. A
 newer job for the same sets replaces one still waiting, so a slow mirror delays replication
 instead of growing a backlog. `close()` waits for the queue.
+
+A sharded checkpoint folder (`..._model.dcp`) is pinned part by part (every part its manifest
+lists, opened) and replicated as a folder with the mirror's own folder protocol
+(`stage_folder`, `write_part` for each part, `add_folder`), so it becomes visible on the mirror
+with its set and its digest must equal the manifest's. Sets of a sharded save are written by
+every rank, but only rank 0 of the writer's group replicates them.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
+from ksuit.layout import SHARDED_FORMAT, is_sharded_filename
 from ksuit.storage.backend import Backend, Location, OpenedFile, WriteFn, WriteStream, WrittenFile
 from ksuit.storage.errors import ConcurrentWriterError, CorruptCheckpointError, StoreAccessError
 from ksuit.storage.locations import open_backend
 from ksuit.storage.manifest import MAX_MANIFEST_BYTES, Manifest, read_manifest
 from ksuit.storage.sets import PendingFile, SaveHooks, SetWriter
+from ksuit.utils import distributed
 
 logger = logging.getLogger(__name__)
 COPY_CHUNK = 8 << 20
@@ -38,11 +48,17 @@ class _Job:
     manifests: dict[str, bytes]
     files: dict[str, OpenedFile]
     loose: list[str] = field(default_factory=list)
+    folders: dict[str, dict[str, OpenedFile]] = field(default_factory=dict)  # sharded: {folder: parts}
+
+    def nbytes(self) -> int:
+        parts = [f for folder in self.folders.values() for f in folder.values()]
+        return sum(f.size for f in [*self.files.values(), *parts])
 
     def close(self) -> None:
-        for f in self.files.values():
+        for f in [*self.files.values(), *(p for folder in self.folders.values() for p in folder.values())]:
             f.close()
         self.files.clear()
+        self.folders.clear()
 
 
 @dataclass(frozen=True)
@@ -99,8 +115,16 @@ class Replicator:
             for name in manifests:
                 data = self.source.read_small(name, MAX_MANIFEST_BYTES, "manifest")
                 job.manifests[name] = data
-                for file_name in Manifest.from_json(data, self.source.file_location(name)).files:
-                    job.files[file_name] = self.source.open(file_name)
+                for file_name, entry in Manifest.from_json(
+                    data, self.source.file_location(name)
+                ).files.items():
+                    if is_sharded_filename(file_name):
+                        folder = self.source.child(file_name)
+                        parts = job.folders[file_name] = {}
+                        for part in sorted(entry.parts or {}):
+                            parts[part] = folder.open(part)
+                    else:
+                        job.files[file_name] = self.source.open(file_name)
             for name in job.loose:
                 job.files[name] = self.source.open(name)
         except BaseException:
@@ -164,13 +188,25 @@ class Replicator:
             manifest_of[m] = m
             manifest_of.update(dict.fromkeys(manifest.files, m))
         manifest_of.update(dict.fromkeys(job.loose))
-        with self.mirror.begin_set(manifest_of, sum(f.size for f in job.files.values())) as txn:
+        with self.mirror.begin_set(manifest_of, job.nbytes()) as txn:
             for m, manifest in parsed.items():
                 there = self._mirrored(m)
                 for name, entry in manifest.files.items():
                     same = there is not None and there.files.get(name) == entry
                     if not same and name in job.files:
                         _copy(txn.stage, job.files[name])
+                    elif not same and name in job.folders:
+                        staged = txn.stage_folder(name)
+                        write = functools.partial(self.mirror.write_part, staged)
+                        parts = [_copy(write, f) for f in job.folders[name].values()]
+                        written = txn.add_folder(staged, parts)
+                        if (written.size, written.checksum) != (entry.size, entry.checksum):
+                            raise CorruptCheckpointError(
+                                f"{self.source.file_location(name)} changed since its set was committed "
+                                f"(its parts add up to {written.size} bytes, digest {written.checksum}; the "
+                                f"manifest {m} records {entry.size}, {entry.checksum}); not replicated: "
+                                f"run `ksuit verify {self.source.location}`"
+                            )
             for name in job.loose:
                 _copy(txn.stage, job.files[name])
             sequence = max([txn.sequence_floor] + [m.commit_sequence or 0 for m in parsed.values()])
@@ -194,6 +230,8 @@ class Replicator:
 
 
 def _copy(stage: Callable[[str, WriteFn, int], WrittenFile], source: OpenedFile) -> WrittenFile:
+    """Streams `source` into `stage(name, write, size)` (a set's file, or a part of a folder)."""
+
     def write(out: WriteStream) -> None:
         offset = 0
         while offset < source.size:
@@ -219,8 +257,9 @@ class MirroringSetWriter(SetWriter):
         attempts: int = 3,
         first_delay: float = 1.0,
         hooks: SaveHooks | None = None,
+        group: Any = None,
     ):
-        super().__init__(folder, hooks=hooks)
+        super().__init__(folder, hooks=hooks, group=group)
         self.replicator = Replicator(self.backend, open_backend(mirror), attempts, first_delay)
 
     @property
@@ -233,7 +272,8 @@ class MirroringSetWriter(SetWriter):
 
     def write(self, files: list[PendingFile], run_id: str | None = None) -> list[WrittenFile]:
         written = super().write(files, run_id)
-        if files:
+        sharded = any(f.fmt == SHARDED_FORMAT for f in files)
+        if files and (not sharded or distributed.rank(self.group) == 0):  # the coordinator committed it
             self.replicator.submit(files)
         return written
 

@@ -17,6 +17,10 @@ Layout
 A checkpoint folder `F` (e.g. `s3://bucket/runs/<run_id>/checkpoints`) holds:
 
     F/.ksuit/data/<save id>/<file name>   the bytes of one file of one save, never overwritten
+    F/.ksuit/data/<save id>/<folder>/<part>
+                                          a part of a sharded checkpoint folder of one save
+                                          (`..._model.dcp`: each rank's `__<rank>_0.distcp`,
+                                          `.metadata`, `ksuit.th`), never overwritten
     F/.ksuit/commits/<save id>.json       the commit record of one save: the manifest of every
                                           set it wrote and, per set, where each file's bytes are
     F/.ksuit/HEAD.json                    the head: each committed set -> the save that holds it
@@ -66,6 +70,24 @@ Protocol
    (by compare-and-swap) that saves started before the horizon are collected, so a save still
    in flight from before the horizon cannot commit a set whose objects are gone: it fails at
    step 3. Only keys of ksuit's grammar under `F/.ksuit/` are ever deleted.
+
+Sharded checkpoint folders
+--------------------------
+A sharded checkpoint (`ksuit.storage.sharded`) is one folder written by several processes. The
+coordinator's save reserves the folder key `F/.ksuit/data/<save id>/<folder name>`
+(`stage_folder`: new, since the save id is, so no committed folder's objects are ever written
+into); every rank uploads its own parts below it (`write_part`: the key is checked against the
+grammar, so a rank cannot write outside `F/.ksuit/data/`; part names of the layout grammar;
+hashed while streamed; an existing part is never replaced; the object exists whole when the
+call returns); once every rank reported its parts, the coordinator lists the folder key and
+checks it holds exactly those parts with their sizes (`add_folder`), and the commit record
+names the folder key as the folder's object, with the manifest listing every part's size and
+checksum. The head swap makes the folder visible with the rest of the set. Readers list it
+among the folders and `child(name)` reads its parts (`CommittedFolder`), so loads and `ksuit
+verify` compare the parts really there with the manifest. A part lives and dies with its folder
+key: retired, collected and deleted with it; the parts of a save that never committed (a kill,
+a failure on any rank) are removed by the save itself where it can, else by recovery and `ksuit
+verify --repair` like any other uncommitted object, unfinished multipart uploads included.
 
 Readers see only committed sets: everything is resolved through the head. A reader holding
 `lock()` sees one head for the whole block (resume selection and `ksuit verify` do), and the

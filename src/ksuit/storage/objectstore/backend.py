@@ -2,7 +2,9 @@
 protocol is in `ksuit.storage.objectstore`).
 
 Readers get the layout's logical names: the committed sets of the head (their manifests and
-files) plus the standalone objects stored under their own names. The head is read again for
+files) plus the standalone objects stored under their own names. A committed sharded checkpoint
+folder is listed among the folders, and `child(name)` is a read-only `CommittedFolder` over its
+part objects (resolved through the head when `child` is called). The head is read again for
 every call (a conditional GET: unchanged heads cost a `304`), except inside `lock()`, where one
 head serves the whole block. Commit records never change once written, so they are cached.
 """
@@ -22,13 +24,14 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from ksuit.layout import is_plain_filename, parse_manifest_filename
+from ksuit.layout import is_part_filename, is_plain_filename, is_sharded_filename, parse_manifest_filename
 from ksuit.storage.backend import (
     Backend,
     Entry,
     OpenedFile,
     RecoveryReport,
     SetTransaction,
+    StagedFolder,
     WriteFn,
     WrittenFile,
 )
@@ -42,6 +45,9 @@ from ksuit.storage.objectstore.records import (
     Head,
     ObjectRef,
     commit_key,
+    data_key,
+    is_folder_key,
+    part_key,
 )
 from ksuit.storage.objectstore.retry import RetryPolicy
 from ksuit.storage.objectstore.stores import FsspecStore, Listed, Store, TooLarge
@@ -160,6 +166,12 @@ class ObjectStoreBackend(Backend):
 
     # ---- navigation -------------------------------------------------------------------------
     def child(self, name: str) -> ObjectStoreBackend:
+        """The subfolder `name`; a committed sharded checkpoint folder: its part objects, as the
+        head names them now (they stay readable for `reader_grace` after a newer save)."""
+        if is_sharded_filename(self._name(name)):
+            ref = self.view().files.get(name)
+            if ref is not None and is_folder_key(ref.key):
+                return CommittedFolder(self, name, ref)
         return ObjectStoreBackend(
             self.store,
             self.path(self._name(name)),
@@ -185,7 +197,9 @@ class ObjectStoreBackend(Backend):
         return "file" if self.store.size(self.root) is not None else "missing"
 
     def folders(self) -> list[str]:
-        return [f for f in self._listing()[1] if not f.startswith(".")]
+        """The subfolders: prefixes of the store, and the committed sharded checkpoint folders."""
+        committed = {n for n, r in self.view().files.items() if is_folder_key(r.key)}
+        return sorted({f for f in self._listing()[1] if not f.startswith(".")} | committed)
 
     def ensure_folder(self) -> None:
         """Object stores have no folders: a folder exists once an object is in it."""
@@ -289,11 +303,12 @@ class ObjectStoreBackend(Backend):
         # names sharing one object (a progress tag and latest written from the same tensors) hold
         # its bytes once: the object's key is their file id
         found.update({n: Entry(n, r.size, file_id=r.key) for n, r in view.files.items() if n not in found})
+        folders = {n for n, r in view.files.items() if is_folder_key(r.key)}  # listed by `folders`
         for listed in self._listing()[0]:
             name = listed.path.rsplit("/", 1)[-1]
             if name not in found:  # a standalone object (a committed set's name takes precedence)
                 found[name] = Entry(name, listed.size)
-        return sorted(found.values(), key=lambda e: e.name)
+        return sorted((e for e in found.values() if e.name not in folders), key=lambda e: e.name)
 
     def read_small(self, name: str, max_bytes: int, what: str) -> bytes:
         self._name(name)
@@ -304,6 +319,8 @@ class ObjectStoreBackend(Backend):
                 raise self._too_large(name, len(data), max_bytes, what)
             return data
         ref = view.files.get(name)
+        if ref is not None and is_folder_key(ref.key):
+            raise self._folder(name)
         path = self.path(ref.key) if ref is not None else self.path(name)
         try:
             fetched = self.store.get(path, max_bytes)
@@ -320,6 +337,12 @@ class ObjectStoreBackend(Backend):
             "from a backup"
         )
 
+    def _folder(self, name: str) -> UnsafeCheckpointError:
+        return UnsafeCheckpointError(
+            f"{self.file_location(name)} is a sharded checkpoint folder, not a file; read its parts "
+            "(ksuit.load_model and `ksuit export` take the folder)"
+        )
+
     def _missing(self, name: str) -> FileNotFoundError:
         where = self.file_location(name)
         return FileNotFoundError(errno.ENOENT, f"checkpoint file {where} does not exist", where)
@@ -330,6 +353,8 @@ class ObjectStoreBackend(Backend):
         if name in view.manifests:
             return BytesFile(view.manifests[name], name, self.file_location(name))
         ref = view.files.get(name)
+        if ref is not None and is_folder_key(ref.key):
+            raise self._folder(name)
         if ref is not None:
             where = self.file_location(name)
             return ObjectFile(self.store, self.path(ref.key), name, where, ref.size, immutable=True)
@@ -342,7 +367,7 @@ class ObjectStoreBackend(Backend):
         try:
             with self.open(name) as f:
                 return f.checksum()
-        except FileNotFoundError:
+        except (FileNotFoundError, UnsafeCheckpointError):
             return None
 
     # ---- writing ----------------------------------------------------------------------------
@@ -369,6 +394,38 @@ class ObjectStoreBackend(Backend):
         return WrittenFile(
             self.file_location(name), name, stream.nbytes, stream.hexdigest(), time.perf_counter() - start
         )
+
+    def write_part(
+        self, staged: StagedFolder, part: str, write: WriteFn, expected_nbytes: int = 0
+    ) -> WrittenFile:
+        """Writes the part `part` of a sharded checkpoint folder staged by a save of this folder
+        (in any process) below its folder key, hashed while it streams; the object exists whole
+        when this returns. The staged folder's key must be a folder key of this folder's grammar
+        (`.ksuit/data/<save id>/<its name>`), so a part can land nowhere else; an existing part
+        is never replaced."""
+        key = staged.key if isinstance(staged, StagedFolder) and isinstance(staged.key, str) else ""
+        name = staged.name if isinstance(staged, StagedFolder) else None
+        if not is_folder_key(key) or not isinstance(name, str) or key != data_key(key.split("/")[2], name):
+            raise ValueError(f"{staged!r} is not a staged sharded checkpoint folder of {self.location}")
+        if not is_part_filename(part):
+            raise ValueError(f"{part!r} is not a part name of a sharded checkpoint folder")
+        path = self.path(part_key(key, part))
+        if self.store.size(path) is not None:
+            raise FileExistsError(
+                errno.EEXIST,
+                f"{self.store.url(path)} already exists: a part is written once, by one process",
+                self.store.url(path),
+            )
+        start = time.perf_counter()
+        stream = self.store.open_write(path, expected_nbytes)
+        try:
+            write(stream)
+        except BaseException:
+            stream.abort()
+            raise
+        stream.finish()
+        seconds = time.perf_counter() - start
+        return WrittenFile(self.store.url(path), part, stream.nbytes, stream.hexdigest(), seconds)
 
     def delete(self, names: Sequence[str]) -> None:
         """Deletes standalone objects; a manifest's name deletes its set (`delete_set`); a file of
@@ -453,6 +510,55 @@ class ObjectStoreBackend(Backend):
 
     def private_prefix(self) -> str:
         return self.path(PRIVATE)
+
+
+class CommittedFolder(ObjectStoreBackend):
+    """A committed sharded checkpoint folder of `parent`, read-only: its entries are the part
+    objects below its folder key (what is really there, so `ksuit verify` and loads compare the
+    parts with the manifest), opened as immutable objects; messages name it by its logical
+    location (`<parent>/<name>`)."""
+
+    def __init__(self, parent: ObjectStoreBackend, name: str, ref: ObjectRef):
+        super().__init__(
+            parent.store,
+            parent.path(ref.key),
+            reader_grace=parent.reader_grace,
+            recovery_grace=parent.recovery_grace,
+            owner=parent._owner,
+        )
+        self.location = parent.file_location(name)
+        self.parent = parent
+
+    def __repr__(self) -> str:
+        return f"CommittedFolder({self.location!r})"
+
+    def read_head(self, fresh: bool = False) -> HeadState:
+        return HeadState(None, None, time.time())  # no head of its own: only objects
+
+    def child(self, name: str) -> ObjectStoreBackend:
+        where = self.file_location(self._name(name))
+        raise NotADirectoryError(f"{where}: a sharded checkpoint folder has no subfolders")
+
+    def open(self, name: str, follow_symlinks: bool = False) -> OpenedFile:
+        self._name(name)
+        size = self.store.size(self.path(name))
+        if size is None:
+            raise self._missing(name)
+        return ObjectFile(self.store, self.path(name), name, self.file_location(name), size, immutable=True)
+
+    def _read_only(self, *args: Any, **kwargs: Any) -> Any:
+        raise PermissionError(
+            f"{self.location} is a committed sharded checkpoint folder: it is never written into "
+            "(a newer save writes a new one)"
+        )
+
+    begin_set = write_file = write_part = delete = delete_set = _read_only
+
+    def recover(self) -> RecoveryReport:
+        return RecoveryReport()  # its parent's recovery covers it
+
+    def repair(self, grace_seconds: float | None = None) -> RecoveryReport:
+        return RecoveryReport()
 
 
 # ---- opening ----------------------------------------------------------------------------------

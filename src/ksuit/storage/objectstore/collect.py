@@ -7,7 +7,8 @@ reference, retired objects retired at or before it, and unfinished multipart upl
 that started at or before it. First the head records the horizon (compare-and-swap), so a save
 that started before it and is still running fails at its commit instead of committing a set
 whose objects are gone; then the objects go. Keys under `.ksuit/` that ksuit does not write are
-reported and left alone; younger leftovers are reported as kept.
+reported and left alone; younger leftovers are reported as kept. The part objects of a sharded
+checkpoint folder live and die with their folder key (what commit records and the head name).
 """
 
 from __future__ import annotations
@@ -16,7 +17,14 @@ from typing import TYPE_CHECKING
 
 from ksuit.storage.backend import RecoveryReport
 from ksuit.storage.objectstore.commit import referenced, swap_head
-from ksuit.storage.objectstore.records import Head, new_save_id, parse_private_key, save_time
+from ksuit.storage.objectstore.records import (
+    Head,
+    folder_of,
+    is_folder_key,
+    new_save_id,
+    parse_private_key,
+    save_time,
+)
 
 if TYPE_CHECKING:
     from ksuit.storage.objectstore.backend import HeadState, ObjectStoreBackend
@@ -34,6 +42,7 @@ def collect(backend: ObjectStoreBackend, grace: float) -> RecoveryReport:
     alive = referenced(backend, head) - due if state.head is not None else set()
 
     candidates: list[str] = []
+    owner_of: dict[str, str] = {}  # key -> the key the head names for it (a part: its folder's)
     for obj in objects:
         key = obj.path[len(root) :]
         parsed = parse_private_key(key)
@@ -41,9 +50,10 @@ def collect(backend: ObjectStoreBackend, grace: float) -> RecoveryReport:
             report.problems.append(f"{backend.file_location(key)} was not written by ksuit: left alone")
             continue
         kind, save = parsed
-        if kind == "head" or key in alive:
+        owner = owner_of[key] = folder_of(key) or key
+        if kind == "head" or owner in alive:
             continue
-        if key in due or save_time(save) <= horizon:
+        if owner in due or save_time(save) <= horizon:
             candidates.append(key)
         else:
             report.kept.append(backend.file_location(key))
@@ -67,7 +77,12 @@ def collect(backend: ObjectStoreBackend, grace: float) -> RecoveryReport:
         backend, state, fence, f"collect {new_save_id(state.server_time)}", lambda current: None
     )
     alive = referenced(backend, new_head)
-    doomed = sorted({k for k in candidates if k not in alive} | set(expired))
+    gone = set(expired)
+    doomed = sorted(
+        {k for k in candidates if owner_of[k] not in alive}
+        | {k for k, owner in owner_of.items() if owner in gone}
+        | {k for k in gone if not is_folder_key(k)}  # a folder key is no object: its parts are
+    )
     backend.store.delete([backend.path(k) for k in doomed])
     report.removed_temps.extend(backend.file_location(k) for k in doomed)
     for upload in stale:

@@ -1,5 +1,11 @@
 """Writing a set to an object store: stage, commit record, head swap, retire (steps 1-4 of the
 protocol in `ksuit.storage.objectstore`); and hiding sets (retention's deletes).
+
+A sharded checkpoint folder is staged under a folder key of the save
+(`.ksuit/data/<save id>/<folder name>`): every rank writes its parts below it
+(`ObjectStoreBackend.write_part`), the coordinator checks the listing holds exactly the parts
+the ranks reported (`add_folder`) and the commit record names the folder key like any file's
+object. Wherever keys are deleted, a folder key stands for every part object below it.
 """
 
 from __future__ import annotations
@@ -11,7 +17,8 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
-from ksuit.storage.backend import SetTransaction, WriteFn, WrittenFile
+from ksuit.layout import is_part_filename, is_sharded_filename
+from ksuit.storage.backend import SetTransaction, StagedFolder, WriteFn, WrittenFile, folder_digest
 from ksuit.storage.errors import ConcurrentWriterError
 from ksuit.storage.manifest import Manifest
 from ksuit.storage.objectstore.records import (
@@ -22,6 +29,8 @@ from ksuit.storage.objectstore.records import (
     SetRecord,
     commit_key,
     data_key,
+    folder_of,
+    is_folder_key,
     new_save_id,
     save_time,
 )
@@ -73,12 +82,29 @@ def retire(
     return after, expired
 
 
+def folder_parts(backend: ObjectStoreBackend, folder_key: str) -> list[str]:
+    """The keys of the part objects below the folder key `folder_key` (only keys of the part
+    grammar: nothing else is ever deleted with a folder)."""
+    root = backend.path("")
+    objects, _ = backend.store.list_folder(backend.path(folder_key), recursive=True)
+    return [k for o in objects if folder_of(k := o.path[len(root) :]) == folder_key]
+
+
+def expand_folders(backend: ObjectStoreBackend, keys: Sequence[str]) -> list[str]:
+    """`keys` with every folder key replaced by the part objects below it."""
+    result: list[str] = []
+    for key in keys:
+        result += folder_parts(backend, key) if is_folder_key(key) else [key]
+    return result
+
+
 def delete_quietly(backend: ObjectStoreBackend, keys: Sequence[str]) -> None:
-    """Deletes objects no head references; a failure only leaves them to recovery."""
+    """Deletes objects no head references (a folder key: its parts); a failure only leaves them
+    to recovery."""
     if not keys:
         return
     try:
-        backend.store.delete([backend.path(k) for k in keys])
+        backend.store.delete([backend.path(k) for k in expand_folders(backend, keys)])
     except Exception as e:
         logger.warning(
             "could not delete %d unreferenced objects of %s (recovery will): %s",
@@ -141,6 +167,7 @@ class ObjectSetTransaction(SetTransaction):
         self.owner_at_begin = begin.head.owner if begin.head is not None else None
         self.sequence_floor = (begin.head.sequence + 1) if begin.head is not None else 0
         self.staged: dict[str, ObjectRef] = {}
+        self.folders: dict[str, str] = {}  # sharded folder name -> its folder key, once staged
         self.written: dict[str, WrittenFile] = {}
         self.committed = False
         self.in_doubt = False  # a head write was sent and its outcome is unknown: delete nothing
@@ -172,13 +199,54 @@ class ObjectSetTransaction(SetTransaction):
         the commit record points both names at one object, and deleting one name's set keeps
         the object while the other's set uses it."""
         ref = self.staged.get(same_as)
-        if ref is None or self.written.get(same_as) is None:
+        if ref is None or self.written.get(same_as) is None or is_folder_key(ref.key):
             return None
         self.staged[name] = ref
         first = self.written[same_as]
         shared = WrittenFile(self.backend.file_location(name), name, first.size, first.checksum, 0.0, same_as)
         self.written[name] = shared
         return shared
+
+    def stage_folder(self, name: str) -> StagedFolder:
+        """A folder key of this save for the sharded checkpoint folder `name`: new (the save id
+        is), so no rank ever writes among the objects of a committed folder."""
+        if not is_sharded_filename(name) or name not in self.manifest_of:
+            raise ValueError(f"{name!r} is not a sharded checkpoint folder of this save")
+        if name in self.folders:
+            raise ValueError(f"{name!r} is already staged in this save")
+        key = data_key(self.save, name)
+        self.folders[name] = key  # removed on failure from here on
+        objects, subfolders = self.backend.store.list_folder(self.backend.path(key))
+        if objects or subfolders:
+            raise FileExistsError(
+                f"{self.backend.store.url(self.backend.path(key))} already holds objects: two saves drew "
+                "the same id; save again"
+            )
+        return StagedFolder(name, key)
+
+    def add_folder(self, staged: StagedFolder, parts: Sequence[WrittenFile]) -> WrittenFile:
+        """Checks that the staged folder holds exactly the parts the ranks reported (names and
+        sizes; each rank hashed its own parts while writing them) and stages it as one file."""
+        key = self.folders.get(staged.name)
+        if key is None or key != staged.key:
+            raise ValueError(f"{staged.name!r} was not staged by this save")
+        expected = {p.name: (p.size, p.checksum) for p in parts}
+        if len(expected) != len(parts):
+            raise ValueError(f"two processes wrote the same part of {staged.name}")
+        objects, subfolders = self.backend.store.list_folder(self.backend.path(key))
+        found = {o.path.rsplit("/", 1)[-1]: o.size for o in objects}
+        sizes = {name: size for name, (size, _) in expected.items()}
+        if found != sizes or subfolders or not all(is_part_filename(n) for n in found):
+            where = self.backend.store.url(self.backend.path(key))
+            raise RuntimeError(
+                f"the staged folder {where} holds {sorted(found) + sorted(subfolders)} but the ranks wrote "
+                f"{sorted(sizes)}; the save is abandoned (the previous checkpoint is intact)"
+            )
+        size, checksum = folder_digest(expected)
+        self.staged[staged.name] = ObjectRef(key, size)
+        written = WrittenFile(self.backend.file_location(staged.name), staged.name, size, checksum)
+        self.written[staged.name] = written
+        return written
 
     def commit(self, manifests: Sequence[tuple[str, bytes]], sequence: int) -> None:
         record = self._record(manifests, sequence)
@@ -275,7 +343,8 @@ class ObjectSetTransaction(SetTransaction):
             self._open = None
         if self.committed or self.in_doubt:
             return
-        delete_quietly(self.backend, sorted({ref.key for ref in self.staged.values()}))
+        keys = {ref.key for ref in self.staged.values()} | set(self.folders.values())
+        delete_quietly(self.backend, sorted(keys))
 
 
 def replaced_error(backend: ObjectStoreBackend, head: Head) -> ConcurrentWriterError:

@@ -5,7 +5,9 @@ Both are JSON and untrusted when read: at most `MAX_RECORD_BYTES`, every field v
 strict types, every set a manifest name of the layout grammar, every file a plain file name,
 and every object key exactly `.ksuit/data/<save id>/<that file name>`, so a record can only
 ever point at data objects of its own folder. Anything else is a `CorruptCheckpointError`
-naming the object.
+naming the object. A sharded checkpoint folder (`..._model.dcp`) is one such key too, the
+prefix of its part objects `.ksuit/data/<save id>/<folder name>/<part name>` (part names of
+the layout grammar).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Annotated, Any
 import pydantic_core
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ksuit.layout import is_plain_filename, parse_manifest_filename
+from ksuit.layout import is_part_filename, is_plain_filename, is_sharded_filename, parse_manifest_filename
 from ksuit.storage.errors import CorruptCheckpointError
 
 PRIVATE = ".ksuit"
@@ -33,6 +35,9 @@ VERSION = 1
 _SAVE_ID = r"[0-9]{10}-[0-9a-f]{12}"
 SAVE_ID_RE = re.compile(_SAVE_ID)
 _DATA_KEY_RE = re.compile(re.escape(DATA_PREFIX) + r"(?P<save>" + _SAVE_ID + r")/(?P<name>[^/\\]+)")
+_PART_KEY_RE = re.compile(
+    re.escape(DATA_PREFIX) + r"(?P<save>" + _SAVE_ID + r")/(?P<folder>[^/\\]+)/(?P<part>[^/\\]+)"
+)
 _COMMIT_KEY_RE = re.compile(re.escape(COMMITS_PREFIX) + r"(?P<save>" + _SAVE_ID + r")\.json")
 
 
@@ -53,6 +58,25 @@ def commit_key(save_id: str) -> str:
     return f"{COMMITS_PREFIX}{save_id}.json"
 
 
+def part_key(folder_key: str, part: str) -> str:
+    """The key of the part `part` of the sharded checkpoint folder staged at `folder_key`."""
+    return f"{folder_key}/{part}"
+
+
+def is_folder_key(key: str) -> bool:
+    """Whether `key` is the data key of a sharded checkpoint folder (the prefix of its parts)."""
+    match = _DATA_KEY_RE.fullmatch(key)
+    return match is not None and is_sharded_filename(match["name"])
+
+
+def folder_of(key: str) -> str | None:
+    """The folder key a part key of a sharded checkpoint folder lies in, or None."""
+    match = _PART_KEY_RE.fullmatch(key)
+    if match is None or not is_sharded_filename(match["folder"]) or not is_part_filename(match["part"]):
+        return None
+    return data_key(match["save"], match["folder"])
+
+
 def parse_private_key(key: str) -> tuple[str, str] | None:
     """`(kind, save id)` of a key under `.ksuit/` that ksuit writes ("data", "commit", "head"),
     or None for anything else."""
@@ -61,6 +85,9 @@ def parse_private_key(key: str) -> tuple[str, str] | None:
     match = _DATA_KEY_RE.fullmatch(key)
     if match is not None and is_plain_filename(match["name"]):
         return ("data", match["save"])
+    folder = folder_of(key)
+    if folder is not None:
+        return ("data", ObjectRef(folder, 0).save)
     match = _COMMIT_KEY_RE.fullmatch(key)
     return ("commit", match["save"]) if match is not None else None
 
@@ -216,13 +243,15 @@ def _ref(ref: ObjectRef) -> dict[str, Any]:
 
 def _check_ref(name: str, ref: ObjectRef, source: str) -> None:
     """A file points at a data object of this folder: its own, or (two names of one save sharing
-    their bytes) another plain file name's with the same extension, the format's."""
+    their bytes) another plain file name's with the same extension, the format's. A sharded
+    checkpoint folder points at its own folder key, and only a folder does."""
     match = _DATA_KEY_RE.fullmatch(ref.key)
     if (
         not is_plain_filename(name)
         or match is None
         or not is_plain_filename(match["name"])
         or match["name"].rsplit(".", 1)[-1] != name.rsplit(".", 1)[-1]
+        or ((is_sharded_filename(name) or is_sharded_filename(match["name"])) and match["name"] != name)
     ):
         raise _invalid(
             source,

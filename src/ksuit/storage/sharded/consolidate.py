@@ -26,7 +26,7 @@ from ksuit.storage.errors import CorruptCheckpointError
 from ksuit.storage.formats import SAFETENSORS_DTYPES, SafetensorsFormat
 from ksuit.storage.sharded.load import full_tensor, read_folder_metadata
 from ksuit.storage.sharded.payload import join_payload
-from ksuit.storage.sharded.reader import SliceFile, load_chunk
+from ksuit.storage.sharded.reader import SliceFile, load_chunk, open_part
 from ksuit.storage.torch_archive import check_torch_archive, read_zip_directory
 from ksuit.storage.torch_stream import placeholder, write_streamed
 
@@ -102,7 +102,7 @@ class PartFiles:
 
     def __call__(self, name: str) -> OpenedFile:
         if name not in self.opened:
-            self.opened[name] = self.folder.open(name)
+            self.opened[name] = open_part(self.folder, name)
         return self.opened[name]
 
     def close(self) -> None:

@@ -23,7 +23,7 @@ from ksuit.storage.errors import CorruptCheckpointError
 from ksuit.storage.loading import load_opened
 from ksuit.storage.sharded.metadata import chunk_problems, read_dcp_metadata
 from ksuit.storage.sharded.payload import Path_, join_payload
-from ksuit.storage.sharded.reader import BackendStorageReader, load_chunk
+from ksuit.storage.sharded.reader import BackendStorageReader, load_chunk, open_part
 from ksuit.storage.sharded.save import SKELETON_FORMAT, SKELETON_NAME, SKELETON_VERSION, plain_errors
 
 
@@ -96,7 +96,7 @@ def full_tensor(folder: Backend, metadata: Metadata, key: str, item: TensorStora
     result = torch.empty(tuple(item.size), dtype=item.properties.dtype)
     for chunk in item.chunks:
         info = metadata.storage_data[MetadataIndex(key, chunk.offsets)]
-        with folder.open(info.relative_path) as f:
+        with open_part(folder, info.relative_path) as f:
             data = load_chunk(f, info, key, item)
         if tuple(data.shape) != tuple(chunk.sizes):
             raise CorruptCheckpointError(

@@ -6,7 +6,8 @@ that trusts nothing it reads.
 checked like any `.th` file (`ksuit.storage.torch_archive`: zip directory, allowlisted
 `data.pkl`, sizes) before `torch.load(weights_only=True)` sees it; a chunk must hold a tensor of
 the shape and dtype the metadata records. Part files are opened once per read and only as
-regular files of the folder.
+regular files of the folder (`open_part`: on an object store, fetched whole once, not in many
+small ranges).
 """
 
 from __future__ import annotations
@@ -88,6 +89,20 @@ class SliceFile(OpenedFile):
         pass
 
 
+def open_part(folder: Backend, name: str) -> OpenedFile:
+    """The part `name` of `folder`, opened for many chunk reads. A part in an object store is
+    fetched whole first (into a temporary file, shared through the download cache that
+    checksumming it filled) rather than in many small range requests; a local file is read in
+    place."""
+    f = folder.open(name)
+    try:
+        f.local_path()
+    except BaseException:
+        f.close()
+        raise
+    return f
+
+
 def load_chunk(
     f: OpenedFile, info: _StorageInfo, fqn: str, expected: TensorStorageMetadata | None
 ) -> torch.Tensor:
@@ -147,7 +162,7 @@ class BackendStorageReader(StorageReader):
                 )
             by_part.setdefault(self.storage_data[item.storage_index].relative_path, []).append(item)
         for part, items in by_part.items():
-            with self.folder.open(part) as f:
+            with open_part(self.folder, part) as f:
                 for item in sorted(items, key=lambda i: self.storage_data[i.storage_index].offset):
                     fqn = item.storage_index.fqn
                     item_md = metadata.state_dict_metadata.get(fqn)

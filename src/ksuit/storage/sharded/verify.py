@@ -19,7 +19,7 @@ from ksuit.storage.backend import Backend
 from ksuit.storage.errors import CorruptCheckpointError, UnsafeCheckpointError
 from ksuit.storage.sharded.load import read_folder_metadata
 from ksuit.storage.sharded.payload import join_payload
-from ksuit.storage.sharded.reader import SliceFile
+from ksuit.storage.sharded.reader import SliceFile, open_part
 from ksuit.storage.torch_archive import check_torch_archive
 
 MAX_PROBLEMS = 20
@@ -28,7 +28,7 @@ MAX_PROBLEMS = 20
 def _chunk_problem(
     folder: Backend, key: str, item: TensorStorageMetadata, chunk: Any, info: Any
 ) -> str | None:
-    with folder.open(info.relative_path) as f:
+    with open_part(folder, info.relative_path) as f:
         piece = SliceFile(f, info.offset, info.length, f"a chunk of {key[:200]!r}")
         check_torch_archive(piece)
         with torch.serialization.skip_data(), piece.stream() as stream:
