@@ -265,14 +265,14 @@ def prepare_load_files(ctx: dict) -> dict:
     sd = model.state_dict()
     torch.save(sd, d / "weights.pt")
     save_file(dict(sd), str(d / "weights.safetensors"))
-    for fmt in ("torch", "safetensors"):
-        writer = _writer(ctx, format=fmt)
-        writer.save(model, "E1_U0_S0", save_optim=False)
+    for tag, fmt in (("E1_U0_S0", "torch"), ("E2_U0_S0", "safetensors")):  # one set each: a set
+        writer = _writer(ctx, format=fmt)  # holds one format of a file (a save in another replaces it)
+        writer.save(model, tag, save_optim=False)
     files = {
         "torch": d / "weights.pt",
         "safetensors": d / "weights.safetensors",
         "ksuit_th": d / "bench" / "checkpoints" / "bench_cp=E1_U0_S0_model.th",
-        "ksuit_safetensors": d / "bench" / "checkpoints" / "bench_cp=E1_U0_S0_model.safetensors",
+        "ksuit_safetensors": d / "bench" / "checkpoints" / "bench_cp=E2_U0_S0_model.safetensors",
     }
     for p in files.values():
         fsync_path(p)
