@@ -57,7 +57,7 @@ def _fs():
 def m_s3fs_put_torch_save_file(ctx: dict) -> dict:
     """`s3fs.put` of a `torch.save` file of the whole state (written before timing)."""
     import torch
-    from bench_save_load import peak_extra, reset_peak
+    from harness import peak_extra, reset_peak
 
     model = ctx["model"]
     local = Path(ctx["tmp"]) / "state.pt"
@@ -75,7 +75,7 @@ def m_s3fs_put_torch_save_file(ctx: dict) -> dict:
 
 def m_ksuit_save_s3(ctx: dict) -> dict:
     """`CheckpointWriter.save` of weights and optimizer state to `s3://`, commit included."""
-    from bench_save_load import peak_extra, reset_peak
+    from harness import peak_extra, reset_peak
 
     from ksuit.providers import PathProvider
     from ksuit.storage import open_backend
@@ -114,7 +114,7 @@ def prepare_load_files(ctx: dict) -> dict:
 
 
 def _load(ctx: dict, fn) -> dict:
-    from bench_save_load import peak_extra, reset_peak, touch_all
+    from harness import peak_extra, reset_peak, touch_all
 
     base = reset_peak()
     start = time.perf_counter()

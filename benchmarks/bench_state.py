@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ksuit.models import Model
+from ksuit.models import CompositeModel, Model
 from ksuit.schemas.models import ModelBaseConfig
 
 LARGE_COUNT = 8
@@ -77,3 +77,93 @@ def state_nbytes(model: BenchNet) -> tuple[int, int]:
         if isinstance(t, torch.Tensor)
     )
     return weights, optim
+
+
+# ---- the states of the issue-14 goals -------------------------------------------------------------
+
+MANY_SMALL_COUNT = 5000
+MANY_SMALL_NUMEL = 16 << 10  # 64 KiB of float32 each
+SUBMODELS = 20
+SUBMODEL_WIDTH = 64  # a 64x64 linear layer: 16.6 KB of weights, twice that of AdamW state
+
+
+class ManySmallNetConfig(ModelBaseConfig):
+    kind: str = "bench_state.ManySmallNet"
+    name: str = "many"
+    count: int = MANY_SMALL_COUNT
+
+
+class ManySmallNet(Model):
+    """`count` parameters of 64 KiB each, no optimizer: a state of many small tensors."""
+
+    def __init__(self, model_config: ManySmallNetConfig, **kwargs):
+        super().__init__(model_config, **kwargs)
+        self.params = nn.ParameterList(
+            nn.Parameter(torch.full((MANY_SMALL_NUMEL,), float(i % 7))) for i in range(model_config.count)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - never trained
+        return x
+
+
+def build_many_small(count: int = MANY_SMALL_COUNT) -> ManySmallNet:
+    return ManySmallNet(ManySmallNetConfig(count=count)).initialize()
+
+
+class SmallLeafConfig(ModelBaseConfig):
+    kind: str = "bench_state.SmallLeaf"
+    width: int = SUBMODEL_WIDTH
+
+
+class SmallLeaf(Model):
+    def __init__(self, model_config: SmallLeafConfig, **kwargs):
+        super().__init__(model_config, **kwargs)
+        self.linear = nn.Linear(model_config.width, model_config.width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - never trained
+        return self.linear(x)
+
+
+class ManyLeavesNet(CompositeModel):
+    """A composite of `SUBMODELS` small leaves, each with an AdamW state: its `latest` with the
+    trainer state is 41 small files."""
+
+    def __init__(self, model_config: ModelBaseConfig, **kwargs):
+        super().__init__(model_config, **kwargs)
+        adamw = {"kind": "torch.optim.AdamW", "lr": 1e-3}
+        self.leaves = nn.ModuleDict(
+            {
+                f"part{i}": SmallLeaf(SmallLeafConfig(name=f"part{i}", optimizer_config=adamw))
+                for i in range(SUBMODELS)
+            }
+        )
+
+    @property
+    def submodels(self) -> dict:
+        return dict(self.leaves)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - never trained
+        return x
+
+
+def build_many_leaves() -> ManyLeavesNet:
+    """The composite with its AdamW state filled as one step would fill it."""
+    model = ManyLeavesNet(ModelBaseConfig(kind="bench_state.ManyLeavesNet", name="net")).initialize()
+    for _, leaf in model.iter_leaves():
+        optim = leaf.optimizer.torch_optim
+        for p in leaf.parameters():
+            optim.state[p] = {
+                "step": torch.tensor(1.0),
+                "exp_avg": torch.randn_like(p),
+                "exp_avg_sq": torch.rand_like(p),
+            }
+    return model
+
+
+def trainer_state() -> dict:
+    """What a trainer file holds, roughly: counters, callback states and RNG states."""
+    return {
+        "training_iteration": {"epoch": 1, "update": 10, "sample": 80},
+        "callback_state_dicts": {"checkpoint": {}},
+        "rng": {"torch": torch.get_rng_state(), "seed": torch.tensor(0)},
+    }

@@ -1,4 +1,5 @@
-"""Prints the README's Performance table (markdown) from a `bench_save_load.py` JSON file."""
+"""Prints the README's Performance tables (markdown) from a `bench_save_load.py` JSON file: the
+methods, then every target with its ratio in that run and MET, MISS or NOT MEASURED."""
 
 from __future__ import annotations
 
@@ -15,7 +16,10 @@ LABELS = {
     "ksuit_sync_torch_buffered": "ksuit save, `.th`, O_DIRECT off",
     "ksuit_sync_torch_crc": "ksuit save, `.th`, torch's CRC-32 left on",
     "ksuit_sync_safetensors": "**ksuit save, safetensors weights**",
-    "ksuit_async": "**ksuit async save** (steady state)",
+    "ksuit_async": "**ksuit async save** (steady state; memory prepared at set-up)",
+    "ksuit_async_unprepared": "ksuit async save, first save without `prepare`",
+    "ksuit_async_small": "**ksuit async save**, 5,000 tensors of 64 KiB (steady state)",
+    "many_files": "**ksuit `latest` of 20 submodels + trainer** (41 small files)",
     "torch_save": "`torch.save` + fsync",
     "safetensors_save": "safetensors `save_file` + fsync",
     "dcp_save": "torch.distributed.checkpoint `save`",
@@ -27,7 +31,13 @@ LABELS = {
     "load_ksuit_safetensors": "**load: `ksuit.load_model`, safetensors**",
     "load_torch_mmap_of_ksuit_file": "load: `torch.load(mmap=True)` of ksuit's `.th`",
     "load_safetensors_of_ksuit_file": "load: safetensors `load_file` of ksuit's file",
+    "resume_ksuit": "**resume: choose, verify, load into the model** (weights, AdamW, trainer)",
+    "resume_torch_mmap": "resume baseline: `torch.load(mmap=True)` of the same files",
 }
+
+
+def _cell(value: float | None, fmt: str) -> str:
+    return "" if value is None else format(value, fmt)
 
 
 def main() -> None:
@@ -35,23 +45,24 @@ def main() -> None:
     parser.add_argument("results", type=Path, nargs="?", default=Path(__file__).with_name("results.json"))
     data = json.loads(parser.parse_args().results.read_text())
     results = data["results"]
-    raw = results["raw_buffered"]["gbps"]
+    raw = results.get("raw_buffered", {}).get("gbps")
     print("| method | seconds | blocks training (s) | GB/s | x raw disk | peak extra memory (GiB) |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for key, r in results.items():
         if "seconds" not in r:
             continue
-        blocked = f"{r['blocked']:.2f}" if "blocked" in r else ""
         gbps = r.get("gbps")
-        extra = f"{r['peak_extra'] / GIB:.2f}" if r.get("peak_extra") is not None else ""
-        print(
-            f"| {LABELS.get(key, key)} | {r['seconds']:.2f} | {blocked} | "
-            f"{gbps:.2f} | {gbps / raw:.2f} | {extra} |"
-        )
+        extra = r["peak_extra"] / GIB if r.get("peak_extra") is not None else None
+        x_raw = gbps / raw if gbps and raw else None
+        cells = [_cell(r.get("blocked"), ".3f"), _cell(gbps, ".2f"), _cell(x_raw, ".2f"), _cell(extra, ".2f")]
+        print(f"| {LABELS.get(key, key)} | {r['seconds']:.2f} | {' | '.join(cells)} |")
     print()
+    print("| target | ratio in this run | goal | |")
+    print("| --- | ---: | ---: | --- |")
     for t in data["targets"]:
-        value = "n/a" if t["value"] is None else f"{t['value']:.2f}"
-        print(f"- {'met' if t['met'] else '**missed**'}: {t['target']}: {value} (goal {t['goal']})")
+        met = t["met"]
+        verdict = "not measured" if met is None else "MET" if met else "**MISS**"
+        print(f"| {t['target']} | {_cell(t['value'], '.2f') or 'n/a'} | {t['goal']} | {verdict} |")
 
 
 if __name__ == "__main__":

@@ -105,3 +105,39 @@ def test_nothing_usable_is_an_error(tmp_path):
         resume(tmp_path, "epoch=5")
     initializer = ResumeInitializer(tmp_path / "run", "best_model.loss.val")
     assert initializer.checkpoint == "best_model.loss.val"
+
+
+def test_resume_reads_each_file_of_the_set_once(tmp_path, monkeypatch):
+    from collections import Counter
+
+    from ksuit.storage.local import LocalBackend
+
+    finished_run(tmp_path)
+    opens, separate_hashes = Counter(), Counter()
+    original = LocalBackend.open
+
+    def counting_open(self, name, follow_symlinks=False):
+        opens[name] += 1
+        return original(self, name, follow_symlinks)
+
+    monkeypatch.setattr(LocalBackend, "open", counting_open)
+    monkeypatch.setattr(LocalBackend, "checksum", lambda self, name: separate_hashes.update([name]))
+    prepared = resume(tmp_path, None)
+    chosen = prepared.initializer.chosen
+    assert chosen.tag == "latest" and chosen.checksums_verified
+    members = set(chosen.manifest.files)
+    assert {n: opens[n] for n in members} == dict.fromkeys(members, 1)
+    assert separate_hashes == Counter()  # verified from the opened files, not by a second pass
+
+
+def test_a_flipped_byte_in_the_newest_set_resumes_from_the_one_before(tmp_path, caplog):
+    folder = finished_run(tmp_path) / "checkpoints"
+    victim = folder / "autoencoder.decoder_cp=latest_model.th"
+    data = bytearray(victim.read_bytes())
+    data[-40] ^= 1
+    victim.write_bytes(bytes(data))
+    with caplog.at_level(logging.INFO, logger="ksuit"):
+        prepared = resume(tmp_path, None)
+    resumed = prepared.trainer.resumed_from
+    assert resumed.tag in ("last", "E3_U24_S192") and str(resumed.training_iteration) == "E3_U24_S192"
+    assert f"skipped checkpoint 'latest': {victim.name}: checksum " in caplog.text

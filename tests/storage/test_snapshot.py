@@ -134,3 +134,89 @@ def test_cuda_tensors_are_snapshotted_into_pinned_host_memory():
     expected = w.cpu()
     w.add_(1.0)  # the GPU keeps training
     assert torch.equal(snap, expected)
+
+
+def test_the_same_tensors_in_two_files_share_one_region_and_copy_once():
+    # a save of the weights under a progress tag and under `latest`: the same tensors twice
+    weights = OrderedDict(a=torch.randn(100), b=torch.randn(50), n=torch.tensor(3))
+    buffer = SnapshotBuffer()
+    progress, latest = take_snapshot([{"state_dict": weights}, {"state_dict": dict(weights)}], buffer)
+    for key in weights:
+        assert torch.equal(progress["state_dict"][key], weights[key])
+        assert progress["state_dict"][key] is latest["state_dict"][key]  # one copy, held once
+    assert buffer.nbytes == 704 + 64  # a (400 B, padded to 448) and b (200 B) in one region, n alone
+
+
+def test_many_small_and_large_tensors_of_mixed_dtypes_are_copied_exactly():
+    # enough small bytes to split over threads, a tensor over LARGE_COPY_BYTES, several dtypes,
+    # views with strides and offsets, and the same tensors in two files
+    from ksuit.storage.copies import LARGE_COPY_BYTES
+
+    g = torch.Generator().manual_seed(0)
+    small = [torch.randn(4096, generator=g) for _ in range(300)]  # 4.7 MiB of 16 KiB tensors
+    base = torch.randn(64, 64, generator=g)
+    payload = {
+        "small": small,
+        "big": torch.randn(LARGE_COPY_BYTES // 4 + 7, generator=g),
+        "half": [t.half() for t in small[:20]],
+        "ints": torch.arange(1000, dtype=torch.int32),
+        "t": base.t(),
+        "cols": base[:, 1::3],
+    }
+    buffer = SnapshotBuffer()
+    first, again = take_snapshot([payload, {"small": small[:50]}], buffer)
+    for snap in (first, again):
+        for i, t in enumerate(snap["small"]):
+            assert torch.equal(t, small[i]), i
+    assert torch.equal(first["big"], payload["big"]) and torch.equal(first["ints"], payload["ints"])
+    assert all(torch.equal(h, s.half()) for h, s in zip(first["half"], small, strict=False))
+    assert torch.equal(first["t"], base.t()) and torch.equal(first["cols"], base[:, 1::3])
+    for t in small:
+        t.add_(1.0)  # training goes on in place: the next save copies the new values, same plan
+    second = take_snapshot([payload, {"small": small[:50]}], buffer)[0]
+    assert buffer.plans_made == 1
+    assert all(torch.equal(t, s) for t, s in zip(second["small"], small, strict=True))
+
+
+def test_a_changed_tensor_makes_the_next_save_plan_again():
+    weights = {"a": torch.ones(10), "b": torch.zeros(3)}
+    buffer = SnapshotBuffer()
+    take_snapshot([weights], buffer)
+    take_snapshot([weights], buffer)
+    assert buffer.plans_made == 1
+    weights["b"] = torch.zeros(4)  # replaced (another shape, another address)
+    snap = take_snapshot([weights], buffer)[0]
+    assert buffer.plans_made == 2 and snap["b"].shape == (4,)
+    weights["a"] = weights["a"].to(torch.float64)  # another dtype
+    snap = take_snapshot([weights], buffer)[0]
+    assert buffer.plans_made == 3 and snap["a"].dtype == torch.float64
+    weights["extra"] = torch.ones(2)  # one tensor more
+    snap = take_snapshot([weights], buffer)[0]
+    assert buffer.plans_made == 4 and torch.equal(snap["extra"], torch.ones(2))
+    snap = take_snapshot([{"a": weights["a"]}], buffer)[0]  # one tensor less
+    assert buffer.plans_made == 5 and list(snap) == ["a"]
+
+
+def test_a_forked_child_takes_snapshots_too():
+    # the copy helper threads stay in the parent; a child must not wait on their queues (tensors
+    # under torch's grain size: a parallel torch op in a forked child hangs in OpenMP, ksuit or not)
+    import os
+    import time
+
+    small = {f"t{i}": torch.full((1 << 14,), float(i)) for i in range(100)}  # 6.4 MiB: 2 threads
+    take_snapshot([small], SnapshotBuffer())
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        ok = all(torch.equal(v, small[k]) for k, v in take_snapshot([small], SnapshotBuffer())[0].items())
+        os._exit(0 if ok else 1)
+    deadline = time.monotonic() + 60
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            raise AssertionError("the forked child never finished its snapshot")
+        time.sleep(0.01)
+    assert os.waitstatus_to_exitcode(status) == 0

@@ -347,3 +347,16 @@ def test_validation_of_the_training_data_given_as_a_dataloader(tmp_path):
     trainer.fit(model(), DataLoader(train, batch_size=3))
     assert trainer.datasets["train"] is train  # the loader's dataset: callbacks evaluate datasets
     assert trainer.metric_updates["loss/val"] == 4
+
+
+def test_setup_prepares_the_snapshot_memory_of_async_saving(tmp_path):
+    trainer = ReconstructionTrainer(
+        PathProvider(tmp_path, "r"), effective_batch_size=8, max_epochs=1, device="cpu", async_save=True
+    )
+    m = model()
+    trainer.setup(m, data(32))
+    pool = trainer.checkpoint_writer.snapshot_pool
+    weights_bytes = sum(t.numel() * t.element_size() for t in m.state_dict().values())
+    assert pool is not None and all(b.nbytes > weights_bytes for b in pool.buffers)
+    assert not [p for p in (tmp_path / "r").rglob("*") if p.is_file()]  # nothing written
+    trainer.checkpoint_writer.close()

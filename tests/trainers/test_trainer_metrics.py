@@ -1,7 +1,9 @@
 import io
 
+import pytest
 import torch
 
+from ksuit.trainers import metrics
 from ksuit.trainers.metrics import MetricTracker
 
 
@@ -51,6 +53,47 @@ def test_a_state_without_metrics_starts_empty():
     tracker = MetricTracker()
     tracker.log("x", 1.0, update=1)
     tracker.load_state_dict({"callback_state_dicts": {}})
-    assert (
-        tracker.values == {} and tracker.updates == {} and tracker.state_dict()["train_loss"]["updates"] == 0
-    )
+    assert tracker.values == {} and tracker.updates == {} and tracker.loss_updates == 0
+
+
+def _as_rank(monkeypatch, rank, world, gathered=None):
+    monkeypatch.setattr(metrics.distributed, "rank", lambda group=None: rank)
+    monkeypatch.setattr(metrics.distributed, "world_size", lambda group=None: world)
+    if gathered is not None:
+        monkeypatch.setattr(metrics.distributed, "all_gather_object", lambda obj: gathered)
+
+
+TWO_RANKS = [{"sums": {"total": 1.0}, "updates": 1}, {"sums": {"total": 3.0}, "updates": 2}]
+
+
+def test_every_rank_keeps_its_own_loss_sums_through_a_checkpoint(monkeypatch):
+    """Each rank sums its own losses; the trainer file (written by rank 0) keeps all of them,
+    so a resume on as many ranks continues every rank's sums exactly."""
+    _as_rank(monkeypatch, 0, 2, gathered=TWO_RANKS)
+    saved = MetricTracker().state_dict()
+    assert saved["train_loss"] == {"ranks": TWO_RANKS}
+    for rank, entry in enumerate(TWO_RANKS):
+        _as_rank(monkeypatch, rank, 2)
+        resumed = MetricTracker()
+        resumed.load_state_dict(saved)
+        assert (resumed.loss_sums, resumed.loss_updates) == (entry["sums"], entry["updates"])
+
+
+@pytest.mark.parametrize("rank", [0, 1, 2])
+def test_on_another_world_size_rank_0_takes_every_sum(monkeypatch, rank):
+    _as_rank(monkeypatch, rank, 3)
+    resumed = MetricTracker()
+    resumed.load_state_dict({"train_loss": {"ranks": TWO_RANKS}})
+    expected = ({"total": 4.0}, 3) if rank == 0 else ({}, 0)
+    assert (resumed.loss_sums, resumed.loss_updates) == expected
+
+
+def test_a_file_with_one_rank_s_sums_counts_them_once(monkeypatch):
+    """Files written before every rank's sums were kept hold `{"sums", "updates"}`: rank 0 takes
+    them, the other ranks start at zero (not a copy each, which would count them twice)."""
+    old = {"train_loss": {"sums": {"total": 2.0}, "updates": 2}}
+    for rank, expected in ((0, ({"total": 2.0}, 2)), (1, ({}, 0))):
+        _as_rank(monkeypatch, rank, 2)
+        resumed = MetricTracker()
+        resumed.load_state_dict(old)
+        assert (resumed.loss_sums, resumed.loss_updates) == expected

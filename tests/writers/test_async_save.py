@@ -20,7 +20,7 @@ from ksuit.storage.manifest import read_manifest, verify_file
 from ksuit.storage.snapshot import SnapshotPool
 from ksuit.writers import CheckpointWriter
 from ksuit.zoo.autoencoder import Autoencoder
-from tests.conftest import FakeTrainer, autoencoder_config, train_one_step
+from tests.conftest import FakeTrainer, assert_bitwise_equal, autoencoder_config, train_one_step
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -423,3 +423,110 @@ def test_a_save_failing_at_interpreter_exit_ends_the_process_with_an_error(tmp_p
     assert not (out / "a" / "checkpoints" / "net_cp=E0_U0_S0_model.th").exists()
     payload = torch.load(out / "b" / "checkpoints" / "net_cp=E0_U0_S0_model.th", weights_only=True)
     assert torch.equal(payload["state_dict"]["w"], torch.full((8,), 1.0))
+
+
+@pytest.mark.parametrize(
+    "optimizer",
+    [
+        {"kind": "torch.optim.AdamW", "lr": 1e-3},
+        {"kind": "torch.optim.Adam", "lr": 1e-3, "amsgrad": True},
+        {"kind": "torch.optim.SGD", "lr": 0.1, "momentum": 0.9},
+        {"kind": "torch.optim.SGD", "lr": 0.1},
+        {"kind": "torch.optim.RMSprop", "lr": 0.1, "momentum": 0.5, "centered": True},
+        {"kind": "torch.optim.NAdam", "lr": 0.1},
+        {"kind": "torch.optim.Adagrad", "lr": 0.1},
+    ],
+)
+def test_snapshot_size_known_before_the_first_step_is_what_the_optimizer_holds_after_it(optimizer):
+    from ksuit.writers.sizing import snapshot_nbytes
+    from ksuit.zoo.autoencoder import AutoencoderConfig, DecoderConfig, EncoderConfig
+
+    config = AutoencoderConfig(
+        encoder=EncoderConfig(input_dim=16, hidden_dim=32, latent_dim=4, optimizer_config=optimizer),
+        decoder=DecoderConfig(latent_dim=4, hidden_dim=32, output_dim=16, optimizer_config=optimizer),
+    )
+    model = Autoencoder(config).initialize()
+    before, cuda = snapshot_nbytes(model)
+    train_one_step(model)
+    assert snapshot_nbytes(model) == (before, cuda) and not cuda
+
+
+def test_prepare_readies_the_memory_of_the_first_save_off_the_saving_thread(path_provider, update_counter):
+    model = Autoencoder(autoencoder_config()).initialize()  # no optimizer state yet, as at set-up
+    writer = CheckpointWriter(path_provider, update_counter, async_save=True, max_pending=2)
+    writer.prepare(model)
+    pool = writer.snapshot_pool
+    assert pool is not None and pool.wait_prepared(timeout=30)
+    prepared = [[(s.nbytes, s.touched) for s in b.segments] for b in pool.buffers]
+    assert all(len(p) == 1 and p[0][0] == p[0][1] > 0 for p in prepared)  # mapped and touched
+    train_one_step(model)
+    writer.save(model, "E1_U0_S0", trainer=FakeTrainer(update_counter), save_latest_weights=True)
+    writer.flush()
+    # the first save took its memory from the prepared segment: nothing more was allocated
+    assert [[(s.nbytes, s.touched) for s in b.segments] for b in pool.buffers] == prepared
+    assert sum(b.plans_made for b in pool.buffers) == 1
+    for tag in ("E1_U0_S0", "latest"):
+        s, _ = select_resume_set(path_provider.run_output_path, "autoencoder", tag)
+        assert s.ok
+    writer.close()
+
+
+def test_prepare_does_nothing_for_synchronous_saving(path_provider, update_counter):
+    writer = CheckpointWriter(path_provider, update_counter)
+    writer.prepare(Autoencoder(autoencoder_config()).initialize())
+    assert writer.snapshot_pool is None
+    with pytest.raises(TypeError):
+        writer.prepare(torch.nn.Linear(2, 2))
+
+
+def test_two_tags_of_one_save_take_each_leaf_once_and_hold_its_snapshot_once(
+    path_provider, update_counter, model, monkeypatch
+):
+    from collections import Counter
+
+    from ksuit.models import Model
+    from ksuit.writers.sizing import snapshot_nbytes
+
+    calls = Counter()
+    original = Model.state_dict
+
+    def counting_state_dict(self, *args, **kwargs):
+        calls[self.name] += 1
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Model, "state_dict", counting_state_dict)
+    with CheckpointWriter(path_provider, update_counter, async_save=True) as writer:
+        writer.save(model, "E1_U0_S0", save_latest_weights=True, save_latest_optim=True)
+        writer.flush()
+        (buffer,) = writer.snapshot_pool.buffers
+        held = buffer.nbytes
+    assert calls == {"encoder": 1, "decoder": 1}
+    monkeypatch.setattr(Model, "state_dict", original)
+    assert held <= snapshot_nbytes(model)[0]  # weights and optimizer state once, not once per tag
+    folder = path_provider.checkpoint_path
+    for part in ("encoder", "decoder"):
+        for role in ("model", "optim"):
+            tagged = load_file(folder / f"autoencoder.{part}_cp=E1_U0_S0_{role}.th")
+            latest = load_file(folder / f"autoencoder.{part}_cp=latest_{role}.th")
+            tagged.pop("checkpoint_tag", None), latest.pop("checkpoint_tag", None)
+            assert_bitwise_equal(tagged, latest, f"{part} {role}")
+
+
+def test_async_files_of_many_small_and_large_tensors_equal_sync_files(tmp_path, update_counter):
+    # the copy paths of a real state: small tensors split over threads, a large one by byte ranges
+    from ksuit.providers import PathProvider
+    from ksuit.storage.copies import LARGE_COPY_BYTES
+
+    g = torch.Generator().manual_seed(1)
+    sd = OrderedDict((f"w{i}", torch.randn(4096, generator=g)) for i in range(300))
+    sd["big"] = torch.randn(LARGE_COPY_BYTES // 4 + 17, generator=g)
+    sd["big_half"] = sd["big"][:1000].half()
+    sd["ints"] = torch.arange(5000, dtype=torch.int64)
+    sd["cols"] = sd["w0"].view(64, 64)[:, 1::2]
+    loaded = {}
+    for mode in ("sync", "async"):
+        provider = PathProvider(tmp_path / mode, "run")
+        with CheckpointWriter(provider, update_counter, async_save=mode == "async") as writer:
+            writer.save_model_checkpoint("net_cp=E1_U0_S0_model.th", sd, "E1_U0_S0")
+        loaded[mode] = torch.load(provider.checkpoint_path / "net_cp=E1_U0_S0_model.th", weights_only=True)
+    assert_bitwise_equal(loaded["async"]["state_dict"], loaded["sync"]["state_dict"])

@@ -16,12 +16,15 @@ if TYPE_CHECKING:
 
 def ksuit_console() -> Console:
     """The console of ksuit's rich log handler, if there is one, so log lines print above the
-    bar; otherwise a console on stderr."""
+    bar (of several, the newest one on a terminal); otherwise a console on stderr."""
     from rich.console import Console
     from rich.logging import RichHandler
 
     handlers = [h for h in logging.getLogger("ksuit").handlers if isinstance(h, RichHandler)]
-    return handlers[0].console if handlers else Console(stderr=True)
+    if not handlers:
+        return Console(stderr=True)
+    on_terminal = [h for h in handlers if h.console.is_terminal]
+    return (on_terminal or handlers)[-1].console
 
 
 class ProgressBarCallback(Callback):

@@ -7,9 +7,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ksuit.initializers.base import Initializer, describe_spec, parse_checkpoint_spec
-from ksuit.readers import CheckpointSet, ResumePoint, find_checkpoint_dir, select_resume_set
-from ksuit.readers.leaf_loading import load_leaf_optimizer, load_leaf_weights
-from ksuit.storage import load_file
+from ksuit.readers import (
+    CheckpointSet,
+    LoadedSet,
+    ResumePoint,
+    find_checkpoint_dir,
+    load_resume_set,
+    select_resume_set,
+)
+from ksuit.readers.resume_set import restore_leaves, resume_files
 from ksuit.storage.locations import is_url
 from ksuit.utils.training import TrainingIteration
 
@@ -51,33 +57,34 @@ class ResumeInitializer(Initializer):
         self.skipped: list[tuple[str, str]] = []
 
     def required_files(self, trainer: BaseTrainer) -> list[tuple[str, str]]:
-        required = []
-        for name, leaf in trainer.model.iter_leaves():
-            if not leaf.is_frozen:
-                required.append((name, "model"))
-            if leaf.optimizer is not None:
-                required.append((name, "optim"))
-        return required
+        return resume_files(trainer.model)[0]
 
     def select(self, trainer: BaseTrainer) -> CheckpointSet:
-        found: list[tuple[CheckpointSet, list[tuple[str, str]], Path | str]] = []
+        """The set a resume would start from (every file checked against its manifest), without
+        loading it: the newest usable set of the run folder or of the mirror (the local one on a
+        tie); `apply` chooses the same set."""
+        found: list[tuple[CheckpointSet, list[tuple[str, str]]]] = []
         errors: list[OSError] = []
         for where in [self.run_dir] + ([self.mirror] if self.mirror is not None else []):
             try:
                 folder = find_checkpoint_dir(where)
-                chosen, skipped = select_resume_set(
-                    folder, trainer.model.name, self.checkpoint, self.required_files(trainer)
+                found.append(
+                    select_resume_set(
+                        folder, trainer.model.name, self.checkpoint, self.required_files(trainer)
+                    )
                 )
             except (FileNotFoundError, NotADirectoryError) as e:
                 errors.append(e)
-                continue
-            found.append((chosen, skipped, folder))
         if not found:
             if len(errors) > 1:
                 raise FileNotFoundError("; ".join(str(e) for e in errors)) from errors[0]
             raise errors[0]
         # the newest of the copies; on a tie the first (local) one
-        chosen, skipped, folder = max(found, key=lambda f: _iteration_key(f[0].training_iteration))
+        chosen, skipped = max(found, key=lambda f: _iteration_key(f[0].training_iteration))
+        self._chose(trainer, chosen, skipped)
+        return chosen
+
+    def _chose(self, trainer: BaseTrainer, chosen: CheckpointSet, skipped: list[tuple[str, str]]) -> None:
         self.chosen, self.skipped = chosen, skipped
         if trainer.rank == 0:
             for tag, reason in skipped:
@@ -86,28 +93,36 @@ class ResumeInitializer(Initializer):
                 "resuming from checkpoint '%s' (%s) in %s, asked for %s",
                 chosen.tag,
                 chosen.training_iteration,
-                folder,
+                chosen.folder.location,
                 describe_spec(self.checkpoint),
             )
-        return chosen
+
+    def _load(self, trainer: BaseTrainer) -> LoadedSet:
+        """The chosen set with its files loaded in one pass (`ksuit.readers.load_resume_set`:
+        each file read once, checked against its manifest from the bytes loaded). With a mirror,
+        the copy holding the newest usable set is found first (`select`), then that set is loaded
+        from it in the same way."""
+        group = trainer.model.name
+        required, wanted = resume_files(trainer.model)
+        if self.mirror is None:
+            loaded = load_resume_set(
+                find_checkpoint_dir(self.run_dir), group, self.checkpoint, required, wanted
+            )
+            self._chose(trainer, loaded.chosen, loaded.skipped)
+            return loaded
+        chosen = self.select(trainer)
+        loaded = load_resume_set(chosen.folder, group, chosen.tag, required, wanted)
+        self.chosen = loaded.chosen
+        return loaded
 
     def apply(self, trainer: BaseTrainer) -> None:
-        chosen = self.select(trainer)
-        for name, leaf in trainer.model.iter_leaves():
-            weights = chosen.file(name, "model")
-            if weights is None:
-                logger.warning(
-                    "no weights of frozen %s in '%s'; it keeps its current weights", name, chosen.tag
-                )
-            else:
-                load_leaf_weights(leaf, weights.path)  # a file or a sharded folder, resharded
-            if leaf.optimizer is not None:
-                optim = chosen.file(name, "optim")
-                assert optim is not None  # select() returns only sets with every required file
-                load_leaf_optimizer(leaf, optim.path)
-        trainer_file = chosen.file(trainer.model.name, "trainer")
-        assert trainer_file is not None  # select() returns only sets with a trainer file
-        trainer.load_state_dict(load_file(trainer_file.path), strict=self.strict)
+        """Chooses the set, loads it, and restores the model, the optimizers and the trainer
+        from it. A sharded checkpoint folder is loaded resharded for this run's ranks."""
+        loaded = self._load(trainer)
+        chosen, payloads = loaded.chosen, loaded.payloads
+        for name in restore_leaves(trainer.model, loaded):
+            logger.warning("no weights of frozen %s in '%s'; it keeps its current weights", name, chosen.tag)
+        trainer.load_state_dict(payloads[(trainer.model.name, "trainer")], strict=self.strict)
         trainer.resumed_from = ResumePoint(
             chosen.folder.ref, chosen.tag, trainer.update_counter.cur_iteration.copy()
         )

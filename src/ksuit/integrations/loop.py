@@ -30,9 +30,10 @@ from typing import Any, Protocol
 
 from ksuit.initializers.base import describe_spec, parse_checkpoint_spec
 from ksuit.models.base import ModelBase, require_ksuit_model
-from ksuit.readers import ResumePoint, load_model_payload, scan_sets, select_resume_set
+from ksuit.readers import ResumePoint, load_resume_set, scan_sets
 from ksuit.readers.listing import checkpoint_folder
-from ksuit.storage import Backend, Location, load_file
+from ksuit.readers.resume_set import restore_leaves, resume_files
+from ksuit.storage import Backend, Location
 from ksuit.trainers import rng
 from ksuit.utils.training import TrainingIteration
 
@@ -135,21 +136,13 @@ def resume(
         folder.recover()
         if not any(s.group == model.name for s in scan_sets(folder)):
             return None
-    required = [(name, "model") for name, leaf in model.iter_leaves() if not leaf.is_frozen]
-    required += [(name, "optim") for name, leaf in model.iter_leaves() if leaf.optimizer is not None]
-    chosen, skipped = select_resume_set(folder, model.name, spec, required)
-    for tag, reason in skipped:
+    required, load = resume_files(model)
+    loaded = load_resume_set(folder, model.name, spec, required, load)
+    chosen = loaded.chosen
+    for tag, reason in loaded.skipped:
         logger.warning("skipped checkpoint '%s': %s", tag, reason)
-    for name, leaf in model.iter_leaves():
-        weights = chosen.file(name, "model")
-        if weights is not None:
-            leaf.load_state_dict(load_model_payload(weights.path)["state_dict"])
-        optim = chosen.file(name, "optim")
-        if leaf.optimizer is not None and optim is not None:
-            leaf.optimizer.load_state_dict(load_file(optim.path))
-    trainer_file = chosen.file(model.name, "trainer")
-    assert trainer_file is not None  # select_resume_set returns only sets with a trainer file
-    loop.load_state_dict(load_file(trainer_file.path), strict=strict)
+    restore_leaves(model, loaded)
+    loop.load_state_dict(loaded.payloads[(model.name, "trainer")], strict=strict)
     point = ResumePoint(chosen.folder.ref, chosen.tag, loop.cur_iteration)
     logger.info(
         "resumed from checkpoint '%s' (%s) in %s, asked for %s",

@@ -42,9 +42,24 @@ def place_like(state: dict[str, Any], own: dict[str, torch.Tensor]) -> dict[str,
     return {k: _like(v, own[k]) if k in own and isinstance(v, torch.Tensor) else v for k, v in state.items()}
 
 
-def load_state_like(own: dict[str, torch.Tensor], path: Location) -> dict[str, torch.Tensor]:
+def state_dict_of(payload: Any, path: Location) -> dict[str, torch.Tensor]:
+    """The `state_dict` of the weights payload loaded from `path`; a clear error for any other
+    payload."""
+    if not isinstance(payload, dict) or not isinstance(payload.get("state_dict"), dict):
+        raise ValueError(
+            f"{path} is not a ksuit weights file (no 'state_dict' dict); save weights with "
+            "CheckpointWriter or load it with torch.load yourself"
+        )
+    state: dict[str, torch.Tensor] = payload["state_dict"]
+    return state
+
+
+def load_state_like(
+    own: dict[str, torch.Tensor], path: Location, payload: Any = None
+) -> dict[str, torch.Tensor]:
     """The `state_dict` of the weights file (or sharded folder) at `path`, each tensor laid out
-    like the tensor of `own` under its key (this rank's shard of a DTensor)."""
+    like the tensor of `own` under its key (this rank's shard of a DTensor). `payload`: the
+    file's contents, when the caller has loaded and checked them already."""
     name = split_file_location(path)[1]
     sharded = any(type(t).__name__ == "DTensor" for t in own.values())
     if sharded and is_sharded_filename(name):
@@ -57,26 +72,28 @@ def load_state_like(own: dict[str, torch.Tensor], path: Location) -> dict[str, t
 
         state: dict[str, torch.Tensor] = load_resharded(_sharded_folder(path), target)["state_dict"]
         return state
-    full: dict[str, torch.Tensor] = load_payload(path)["state_dict"]
+    full = state_dict_of(load_payload(path) if payload is None else payload, path)
     return place_like(full, own) if sharded else full
 
 
-def load_leaf_weights(leaf: Model, path: Location) -> None:
-    """Loads the weights file (or sharded folder) at `path` into `leaf`."""
+def load_leaf_weights(leaf: Model, path: Location, payload: Any = None) -> None:
+    """Loads the weights file (or sharded folder) at `path` into `leaf`; `payload`: the file's
+    contents, when the caller has loaded and checked them already."""
     if not is_sharded(leaf):
-        leaf.load_state_dict(load_payload(path)["state_dict"])
+        leaf.load_state_dict(state_dict_of(load_payload(path) if payload is None else payload, path))
         return
-    leaf.load_state_dict(load_state_like(leaf.state_dict(), path))
+    leaf.load_state_dict(load_state_like(leaf.state_dict(), path, payload))
 
 
-def load_leaf_optimizer(leaf: Model, path: Location) -> None:
-    """Loads the optimizer file (or sharded folder) at `path` into `leaf`'s optimizer."""
+def load_leaf_optimizer(leaf: Model, path: Location, payload: Any = None) -> None:
+    """Loads the optimizer file (or sharded folder) at `path` into `leaf`'s optimizer; `payload`:
+    the file's contents, when the caller has loaded and checked them already."""
     optimizer = leaf.optimizer
     if optimizer is None:
         raise ValueError(f"{leaf.name} has no optimizer to load {path} into")
     name = split_file_location(path)[1]
     if not is_sharded(leaf):
-        optimizer.load_state_dict(load_payload(path))
+        optimizer.load_state_dict(load_payload(path) if payload is None else payload)
         return
     params = [p for group in optimizer.param_groups for p in group["params"]]
 
@@ -101,7 +118,7 @@ def load_leaf_optimizer(leaf: Model, path: Location) -> None:
 
         state = load_resharded(_sharded_folder(path), target)
     else:
-        state = load_payload(path)
+        state = load_payload(path) if payload is None else payload
         for index, entry in state.get("state", {}).items():
             for key, value in entry.items():
                 p = (

@@ -179,6 +179,27 @@ def select_resume_set(
 def _select_resume_set_locked(
     folder: Backend, group: str, tag: str | TrainingIteration | None, required: list[tuple[str, str]]
 ) -> tuple[CheckpointSet, list[tuple[str, str]]]:
+    def verified(s: CheckpointSet) -> str | None:
+        s.check(checksum=True)
+        return None if s.ok else problems_text(s.problems)
+
+    return choose_set(folder, group, tag, required, verified)
+
+
+Accept = Callable[[CheckpointSet], "str | None"]
+"""Takes a set that passed every check short of its checksums: None to choose it, or why not."""
+
+
+def choose_set(
+    folder: Backend,
+    group: str,
+    tag: str | TrainingIteration | None,
+    required: list[tuple[str, str]],
+    accept: Accept,
+) -> tuple[CheckpointSet, list[tuple[str, str]]]:
+    """The newest set of `group` that is complete, consistent, has a trainer file and the
+    `required` files, and that `accept` takes; with `(tag, reason)` of every set skipped. Call it
+    with the folder locked. Recovery first completes or discards an interrupted save."""
     folder.recover()
     candidates = [s for s in scan_sets(folder, checksum=False) if s.group == group]
     if not candidates:
@@ -194,7 +215,9 @@ def _select_resume_set_locked(
     candidates = resume_order(candidates)
     skipped: list[tuple[str, str]] = []
     for i, s in enumerate(candidates):
-        reason = usable_for_resume(s, group, required)
+        reason = _unusable_reason(s, group, required)
+        if reason is None:
+            reason = accept(s)
         if reason is None:
             # sets whose iteration is unknown (e.g. an unreadable manifest) sort last but may be
             # newer: report them too, so a damaged 'latest' is never passed over silently
@@ -205,6 +228,10 @@ def _select_resume_set_locked(
         skipped.append((s.tag, reason))
     details = "; ".join(f"{t}: {r}" for t, r in skipped)
     raise FileNotFoundError(f"no usable checkpoint set of '{group}' in {folder.location} ({details})")
+
+
+def problems_text(problems: Mapping[str, str]) -> str:
+    return "; ".join(f"{k}: {v}" for k, v in problems.items())
 
 
 def resume_order(sets: Iterable[CheckpointSet]) -> list[CheckpointSet]:
@@ -226,7 +253,7 @@ def usable_for_resume(
     if reason is None and not (verified is not None and verified(s)):
         s.check(checksum=True)
         if not s.ok:
-            reason = "; ".join(f"{k}: {v}" for k, v in s.problems.items())
+            reason = problems_text(s.problems)
     return reason
 
 
@@ -252,7 +279,7 @@ def resume_choices(
 
 def _unusable_reason(s: CheckpointSet, group: str, required: list[tuple[str, str]]) -> str | None:
     if not s.ok:
-        return "; ".join(f"{k}: {v}" for k, v in s.problems.items())
+        return problems_text(s.problems)
     if s.file(group, "trainer") is None:
         return "no trainer file (weights only, cannot resume training state)"
     missing = [f"{n} {k}" for n, k in required if s.file(n, k) is None]

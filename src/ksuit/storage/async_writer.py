@@ -14,10 +14,14 @@ ends with exit code 1 (`os._exit`, skipping exit handlers not yet run), because 
 exit handler is only printed and a lost checkpoint would otherwise end in exit code 0.
 
 Peak extra host memory: `max_pending` snapshot buffers, each as large as the tensors of the
-largest save so far (every tensor rounded up to 64 bytes; aliases stored once), i.e. about
-`max_pending` x the saved state, plus the pickled structure of the files being written. The
-buffers are kept until `close()`, so steady-state saving allocates nothing. `submit()` blocks
-while all buffers are in flight, so a slow disk slows the saver rather than growing memory.
+largest save so far (every tensor rounded up to 64 bytes; aliases and tensors saved under two
+tags stored once), or as `prepare(nbytes)` asked if that is more, i.e. about `max_pending` x
+the saved state, plus the pickled structure of the files being written. The buffers are kept
+until `close()`, so steady-state saving allocates nothing. `write_set()` blocks while all
+buffers are in flight, so a slow disk slows the saver rather than growing memory.
+
+`prepare(nbytes)` maps the buffers before the first save and touches them in a background
+thread (`ksuit.storage.host_memory`), so that the first save stalls no longer than later ones.
 """
 
 from __future__ import annotations
@@ -126,6 +130,13 @@ class AsyncSetWriter:
     def backend(self) -> Backend:
         return self.set_writer.backend
 
+    def prepare(self, nbytes: int, pinned: bool = False) -> None:
+        """Readies `nbytes` of snapshot memory per buffer in the background (pinned for CUDA
+        sources); returns at once. Call it from the thread that saves."""
+        if self._closed:
+            raise RuntimeError("this checkpoint writer is closed; create a new one to save again")
+        self.pool.prepare(nbytes, pinned)
+
     def write_set(
         self, files: list[PendingFile], run_id: str | None = None, on_written: OnWritten | None = None
     ) -> None:
@@ -190,6 +201,7 @@ class AsyncSetWriter:
             self._closed = True
             self._queue.put(None)
             self._thread.join()
+            self.pool.close()
             _open_writers.pop(self._key, None)
             self.set_writer.close()  # e.g. a mirroring writer waits for its replication
 

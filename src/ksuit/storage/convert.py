@@ -71,15 +71,7 @@ def convert_file(
     if isinstance(fmt, SafetensorsFormat):
         fmt.split_payload(payload)  # fails before any byte is written when it cannot convert
     with backend.lock():
-        exists = backend.exists_as() == "folder" and any(e.name == name for e in backend.entries())
-        if exists and not overwrite:
-            raise FileExistsError(f"{where} already exists; pass --force to replace it")
-        owner = _manifest_listing(backend, name) if exists else None
-        if owner is not None:
-            raise ValueError(
-                f"{where} belongs to the checkpoint set of {owner}, and an export never replaces "
-                "a file of a set (the set would no longer match its manifest); pass another --output"
-            )
+        _refuse_existing(backend, name, where, overwrite)
         return backend.write_file(name, lambda sink: fmt.write(payload, sink), fmt.estimate_nbytes(payload))
 
 

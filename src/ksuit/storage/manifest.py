@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Annotated, Literal
 
 import pydantic_core
@@ -85,7 +85,7 @@ class Manifest:
         return manifest_filename(self.group, self.tag)
 
     def to_json(self) -> str:
-        data = asdict(self)
+        data = asdict(replace(self, files={}))  # the entries below, without copying them twice
         data["files"] = {name: entry.to_dict() for name, entry in self.files.items()}
         if self.metrics is None:  # as every ksuit before metrics wrote it
             del data["metrics"]
@@ -265,11 +265,17 @@ def verify_file(
         hashed = backend.checksum(name)
         if hashed is None:
             return "missing or no longer a regular file"
-        size, digest = hashed
-        if size != entry.size:
-            return f"size {size} != {entry.size} in manifest"
-        if digest != entry.checksum:
-            return f"checksum {digest} != {entry.checksum} in manifest"
+        return hash_problem(*hashed, entry)
+    return None
+
+
+def hash_problem(size: int, digest: str, entry: ManifestEntry) -> str | None:
+    """What is wrong with a file of `size` bytes hashing to `digest` that `entry` describes
+    (None: it matches). The one wording of a mismatch: `ksuit verify`, resume and loading use it."""
+    if size != entry.size:
+        return f"size {size} != {entry.size} in manifest"
+    if digest != entry.checksum:
+        return f"checksum {digest} != {entry.checksum} in manifest"
     return None
 
 

@@ -178,7 +178,8 @@ class BaseTrainer:
         datasets: dict[str, Dataset[Any]] | None = None,
     ) -> None:
         """Prepares training without running it: places and initializes `model`, builds the
-        training data loader, the update counter, the checkpoint writer and (float16) the grad
+        training data loader, the update counter, the checkpoint writer (preparing the snapshot
+        memory of asynchronous saves in the background) and (float16) the grad
         scaler, and seeds the generators with `seed + rank`. `fit` calls it; call it yourself to
         apply an initializer or `load_state_dict` outside of `fit`. `datasets` are further named
         datasets for callbacks (e.g. `{"val": ...}`)."""
@@ -216,6 +217,8 @@ class BaseTrainer:
             mirror=self.checkpoint_mirror,
             retention=self._retention_policy(),
         )
+        # async saving: map and touch the snapshot memory now, in the background
+        self._checkpoint_writer.prepare(model)
         if self.precision == "float16":
             self.grad_scaler = torch.amp.GradScaler(self.device.type)
         seed_everything(self.seed + self.rank)

@@ -58,17 +58,32 @@ class MetricTracker:
         self.loss_sums, self.loss_updates = {}, 0
 
     def state_dict(self) -> dict[str, Any]:
-        """`{"metrics": {key: {"value", "update"}}, "train_loss": {"sums", "updates"}}`."""
+        """`{"metrics": {key: {"value", "update"}}, "train_loss": {"ranks": [{"sums", "updates"}
+        of rank 0, of rank 1, ...]}}`. Each rank sums its own losses, so every rank's sums are
+        kept (a collective: every rank calls it, as it does `trainer.state_dict()`)."""
+        own = {"sums": dict(self.loss_sums), "updates": self.loss_updates}
         return {
             "metrics": {k: {"value": v, "update": self.updates.get(k, -1)} for k, v in self.values.items()},
-            "train_loss": {"sums": dict(self.loss_sums), "updates": self.loss_updates},
+            "train_loss": {"ranks": distributed.all_gather_object(own)},
         }
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Restores `state_dict()`'s output; missing entries (older files) start empty."""
+        """Restores `state_dict()`'s output; missing entries (older files) start empty. Each rank
+        takes its own loss sums when the world size is the one that saved them; otherwise (and
+        for files with one rank's sums) rank 0 takes them all, folded, and the others start at
+        zero: the next logged `loss/train` is then the same mean up to float rounding."""
         metrics = state_dict.get("metrics", {})
         self.values = {k: float(v["value"]) for k, v in metrics.items()}
         self.updates = {k: int(v["update"]) for k, v in metrics.items()}
-        loss = state_dict.get("train_loss", {"sums": {}, "updates": 0})
-        self.loss_sums = {k: float(v) for k, v in loss["sums"].items()}
-        self.loss_updates = int(loss["updates"])
+        loss = state_dict.get("train_loss", {})
+        ranks = loss["ranks"] if "ranks" in loss else [loss] if loss else []
+        rank, world = distributed.rank(), distributed.world_size()
+        if len(ranks) == world:
+            mine = [ranks[rank]]
+        else:
+            mine = ranks if rank == 0 else []
+        self.loss_sums, self.loss_updates = {}, 0
+        for entry in mine:
+            for k, v in entry["sums"].items():
+                self.loss_sums[k] = self.loss_sums.get(k, 0.0) + float(v)
+            self.loss_updates += int(entry["updates"])

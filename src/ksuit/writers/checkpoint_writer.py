@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import gc
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -43,10 +44,25 @@ from ksuit.utils.distributed import is_rank0
 from ksuit.writers.payload import check_metrics, check_state_dict, model_payload
 from ksuit.writers.plan import SaveSpec
 from ksuit.writers.sharding import is_sharded, sharded_group
+from ksuit.writers.sizing import snapshot_nbytes
 
 if TYPE_CHECKING:
     from ksuit.providers import PathProvider
     from ksuit.utils.training import TrainingIteration, UpdateCounter
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """No cyclic garbage collection inside a save. Taking state dicts creates thousands of tensor
+    objects (and frees them after the save, creating no cycles), which would trigger collections,
+    a full one now and then, inside the time an asynchronous save stalls training."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 class SupportsStateDict(Protocol):
@@ -207,7 +223,8 @@ class CheckpointWriter:
             training_iteration=payload[CheckpointKeys.TRAINING_ITERATION],
         )
         if sharded or is_rank0():  # a sharded state: every rank calls this and writes its shards
-            self._submit([pending])
+            with _gc_paused():
+                self._submit([pending])
 
     def save(
         self,
@@ -270,18 +287,38 @@ class CheckpointWriter:
         if trainer is not None and not callable(getattr(trainer, "state_dict", None)):
             raise TypeError(f"trainer must have a state_dict() method, got {type(trainer).__name__}")
         leaves = select_leaves(model, spec.model_names_to_save)
-        # every rank takes part: trainer.state_dict() may gather RNG states collectively
-        trainer_state = trainer.state_dict() if trainer is not None else None
-        if trainer_state is not None:
-            check_state_dict(trainer_state, where="trainer.state_dict()")
-        # sharded leaves are written by every rank; the rest by rank 0 alone
-        spread = self.spread_replicated and distributed.world_size() > 1
-        sharded = {name for name, leaf in leaves if spread or is_sharded(leaf)}
-        if not sharded and not is_rank0():
-            return
+        with _gc_paused():
+            # every rank takes part: trainer.state_dict() may gather RNG states collectively
+            trainer_state = trainer.state_dict() if trainer is not None else None
+            if trainer_state is not None:
+                check_state_dict(trainer_state, where="trainer.state_dict()")
+            # sharded leaves are written by every rank; the rest by rank 0 alone
+            spread = self.spread_replicated and distributed.world_size() > 1
+            sharded = {name for name, leaf in leaves if spread or is_sharded(leaf)}
+            if not sharded and not is_rank0():
+                return
+            files = self._files(model, leaves, checkpoint_tag, spec, trainer_state, sharded)
+            if recorded is not None:
+                for f in files:
+                    f.metrics = recorded
+            self._submit(files)
+
+    def _files(
+        self,
+        model: ModelBase,
+        leaves: list[tuple[str, Any]],
+        checkpoint_tag: str,
+        spec: SaveSpec,
+        trainer_state: dict[str, Any] | None,
+        sharded: set[str],
+    ) -> list[PendingFile]:
+        """The files of one save (on this rank: every rank writes the `sharded` leaves, rank 0
+        the rest). A leaf's weights and optimizer state are taken once, also when two tags (a
+        progress tag and `latest`) get them."""
         iteration = dict(self.update_counter.cur_iteration)
+        weights: dict[str, dict[str, Any]] = {}
+        optims: dict[str, dict[str, Any]] = {}
         files: list[PendingFile] = []
-        optim_states: dict[str, dict[str, Any]] = {}  # one state dict per leaf for every tag
         for plan in spec.plan(checkpoint_tag, with_trainer=trainer_state is not None):
             tag = plan.tag
             for name, leaf in leaves:
@@ -289,15 +326,18 @@ class CheckpointWriter:
                 if name not in sharded and not is_rank0():
                     continue
                 if plan.weights and (spec.save_frozen_weights or not leaf.is_frozen):
-                    payload = self._model_payload(leaf.state_dict(), tag, leaf.model_config, {})
+                    state_dict = weights.get(name)
+                    if state_dict is None:
+                        state_dict = weights[name] = leaf.state_dict()
+                    payload = self._model_payload(state_dict, tag, leaf.model_config, {})
                     filename = checkpoint_filename(name, tag, "model", fmt=fmt)
                     files.append(PendingFile(filename, payload, fmt, "model", model.name, tag, iteration))
                 if plan.optim and leaf.optimizer is not None:
                     optim_fmt = SHARDED_FORMAT if name in sharded else "torch"
                     filename = checkpoint_filename(name, tag, "optim", fmt=optim_fmt)
-                    if name not in optim_states:
-                        optim_states[name] = leaf.optimizer.state_dict()
-                    optim_state = optim_states[name]
+                    optim_state = optims.get(name)
+                    if optim_state is None:
+                        optim_state = optims[name] = leaf.optimizer.state_dict()
                     files.append(
                         PendingFile(filename, optim_state, optim_fmt, "optim", model.name, tag, iteration)
                     )
@@ -308,10 +348,28 @@ class CheckpointWriter:
                 files.append(
                     PendingFile(filename, trainer_state, "torch", "trainer", model.name, tag, iteration)
                 )
-        if recorded is not None:
-            for f in files:
-                f.metrics = recorded
-        self._submit(files)
+        return files
+
+    def prepare(self, model: ModelBase) -> None:
+        """Readies the snapshot memory of asynchronous saves of `model` before the first save, off
+        the caller's thread, so the first save stalls training no longer than later ones.
+
+        Maps host memory for the weights, optimizer states (estimated where an optimizer has not
+        stepped yet: `ksuit.writers.sizing`) and trainer state of every leaf, `max_pending` times
+        (what as many saves take anyway), and touches it in a background thread; returns at once.
+        A save before that is done waits only for the part it needs that is not ready yet. Does
+        nothing for synchronous saving, on ranks other than 0, and for a model with sharded leaves
+        (every rank snapshots its own shards). The trainer calls it at set-up.
+        """
+        require_ksuit_model(model)
+        if not self.async_save or not is_rank0():
+            return
+        if any(is_sharded(leaf) for _, leaf in select_leaves(model, None)):
+            return
+        nbytes, cuda = snapshot_nbytes(model)
+        sink = self._set_sink()
+        assert isinstance(sink, AsyncSetWriter)
+        sink.prepare(nbytes, pinned=cuda)
 
     @contextlib.contextmanager
     def batch(self, metrics: dict[str, float] | None = None) -> Iterator[CheckpointWriter]:
@@ -349,7 +407,8 @@ class CheckpointWriter:
                     f.metrics = batch_metrics
         # a file saved twice in one batch (e.g. 'latest' by two callbacks) is written once, last wins
         unique = {f.filename: f for f in files}
-        self._submit(list(unique.values()))
+        with _gc_paused():
+            self._submit(list(unique.values()))
 
     def flush(self) -> None:
         """Blocks until every pending asynchronous save is on disk; re-raises a failed one."""

@@ -13,8 +13,9 @@ that a save that returned is not lost.
    under a temporary name in the destination folder: `.<final name>.<token>.tmp`, the token 8
    random hex digits. Temporary names start with '.' and never end in `.th`, so no reader
    mistakes them for checkpoints. Bytes stream through an xxh3-64 hash while they are written;
-   each file is fsynced. Then the folder is fsynced: the staged names are durable before the
-   journal that names them (a file system may persist directory entries in any order). Before
+   each file is fsynced (the files of a save together, once all are written: `staging`). Then
+   the folder is fsynced: the staged names are durable before the journal that names them (a
+   file system may persist directory entries in any order). Before
    staging, a short disk fails with ENOSPC naming the path, the bytes needed and the bytes
    free, and a folder sitting at a final name fails the save; nothing is written either way.
    Every manifest is stamped with the save's commit sequence (`commit_sequence`), larger than
@@ -115,7 +116,7 @@ from ksuit.storage.local.folders import is_real_folder, move_aside, remove_folde
 from ksuit.storage.local.locking import folder_lock
 from ksuit.storage.local.recovery import ensure_recovered, journal_sequences, recover_folder
 from ksuit.storage.local.safe_files import (
-    hash_fd,
+    hash_mapped,
     hash_regular_file,
     not_regular_problem,
     open_regular,
@@ -145,7 +146,7 @@ class LocalFile(OpenedFile):
         return pinned_path(self.fd, self.path)
 
     def checksum(self) -> tuple[int, str]:
-        return hash_fd(self.fd)
+        return hash_mapped(self.fd)
 
     def close(self) -> None:
         if self.fd >= 0:
