@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from ksuit.layout import LAST, LATEST, manifest_filename, parse_checkpoint_filename, parse_manifest_filename
 from ksuit.readers.listing import FolderListing, read_folder
 from ksuit.readers.sets import CheckpointSet, resume_choices, sets_of
-from ksuit.storage import Backend, PendingFile, get_format
+from ksuit.storage import Backend, PendingFile
+from ksuit.storage.sets import file_nbytes
 from ksuit.utils.training import TrainingIteration
 
 
@@ -222,7 +223,7 @@ def estimate_incoming(files: Sequence[PendingFile], listing: FolderListing) -> i
         payloads.add((id(f.payload), f.fmt))
         previous = known.get(_kind_key(f.filename) or ("?",))
         if previous is None:
-            total += get_format(f.fmt).estimate_nbytes(f.payload)
+            total += file_nbytes(f)
         else:
             total += previous + previous // 100 + MARGIN_BYTES
     for manifest in {f.manifest for f in files if f.manifest is not None}:

@@ -59,6 +59,8 @@ class PendingFile:
     tag: str | None = None
     training_iteration: dict[str, int] | None = None
     metrics: dict[str, float] | None = None  # recorded in the manifest of its set
+    # `file_nbytes`, taken once per save (walking a payload's tensors costs per file and call)
+    estimated_nbytes: int | None = dataclasses.field(default=None, repr=False, compare=False)
 
     @property
     def manifest(self) -> str | None:
@@ -120,12 +122,17 @@ def next_sequence(at_least: int = 0) -> int:
 
 
 def file_nbytes(f: PendingFile) -> int:
-    """Bytes one file will take (an estimate from its tensors; a sharded folder: every rank's)."""
-    if f.fmt == SHARDED_FORMAT:
-        from ksuit.storage.formats import iter_tensors
+    """Bytes one file will take (an estimate from its tensors; a sharded folder: every rank's),
+    computed once per pending file."""
+    if f.estimated_nbytes is None:
+        if f.fmt == SHARDED_FORMAT:
+            from ksuit.storage.formats import iter_tensors
 
-        return sum(t.numel() * t.element_size() for t in iter_tensors(f.payload)) + 64 * 1024
-    return get_format(f.fmt).estimate_nbytes(f.payload)
+            tensors = iter_tensors(f.payload)
+            f.estimated_nbytes = sum(t.numel() * t.element_size() for t in tensors) + 64 * 1024
+        else:
+            f.estimated_nbytes = get_format(f.fmt).estimate_nbytes(f.payload)
+    return f.estimated_nbytes
 
 
 def estimate_nbytes(files: list[PendingFile]) -> int:
@@ -326,7 +333,7 @@ def _stage_files(
         same = first_of.get(key)
         w = txn.stage_same(f.filename, same) if same is not None else None
         if w is None:
-            w = txn.stage(f.filename, _payload_writer(f), get_format(f.fmt).estimate_nbytes(f.payload))
+            w = txn.stage(f.filename, _payload_writer(f), file_nbytes(f))
             first_of.setdefault(key, f.filename)
         written.append(w)
     return written
