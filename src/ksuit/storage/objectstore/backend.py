@@ -50,7 +50,7 @@ from ksuit.storage.objectstore.records import (
     part_key,
 )
 from ksuit.storage.objectstore.retry import RetryPolicy
-from ksuit.storage.objectstore.stores import FsspecStore, Listed, Store, TooLarge
+from ksuit.storage.objectstore.stores import FsspecStore, Listed, Store, TooLarge, write_object
 
 logger = logging.getLogger(__name__)
 
@@ -383,17 +383,8 @@ class ObjectStoreBackend(Backend):
 
     def write_file(self, name: str, write: WriteFn, expected_nbytes: int = 0) -> WrittenFile:
         self._name(name)
-        start = time.perf_counter()
-        stream = self.store.open_write(self.path(name), expected_nbytes)
-        try:
-            write(stream)
-        except BaseException:
-            stream.abort()
-            raise
-        stream.finish()
-        return WrittenFile(
-            self.file_location(name), name, stream.nbytes, stream.hexdigest(), time.perf_counter() - start
-        )
+        stream, seconds = write_object(self.store, self.path(name), write, expected_nbytes)
+        return WrittenFile(self.file_location(name), name, stream.nbytes, stream.hexdigest(), seconds)
 
     def write_part(
         self, staged: StagedFolder, part: str, write: WriteFn, expected_nbytes: int = 0
@@ -416,15 +407,7 @@ class ObjectStoreBackend(Backend):
                 f"{self.store.url(path)} already exists: a part is written once, by one process",
                 self.store.url(path),
             )
-        start = time.perf_counter()
-        stream = self.store.open_write(path, expected_nbytes)
-        try:
-            write(stream)
-        except BaseException:
-            stream.abort()
-            raise
-        stream.finish()
-        seconds = time.perf_counter() - start
+        stream, seconds = write_object(self.store, path, write, expected_nbytes)
         return WrittenFile(self.store.url(path), part, stream.nbytes, stream.hexdigest(), seconds)
 
     def delete(self, names: Sequence[str]) -> None:

@@ -34,7 +34,7 @@ from ksuit.storage.objectstore.records import (
     new_save_id,
     save_time,
 )
-from ksuit.storage.objectstore.stores import PreconditionFailed
+from ksuit.storage.objectstore.stores import PreconditionFailed, write_object
 from ksuit.storage.objectstore.streams import UploadStream
 
 if TYPE_CHECKING:
@@ -175,19 +175,15 @@ class ObjectSetTransaction(SetTransaction):
 
     def stage(self, name: str, write: WriteFn, expected_nbytes: int) -> WrittenFile:
         key = data_key(self.save, name)
-        start = time.perf_counter()
-        stream = self.backend.store.open_write(self.backend.path(key), expected_nbytes)
-        self._open = stream
         self.staged[name] = ObjectRef(key, 0)  # removed on failure even if half written
-        try:
-            write(stream)
-        except BaseException:
-            stream.abort()
-            raise
-        stream.finish()
+
+        def opened(stream: UploadStream) -> None:
+            self._open = stream
+
+        path = self.backend.path(key)
+        stream, seconds = write_object(self.backend.store, path, write, expected_nbytes, opened)
         self._open = None
         self.staged[name] = ObjectRef(key, stream.nbytes)
-        seconds = time.perf_counter() - start
         written = WrittenFile(
             self.backend.file_location(name), name, stream.nbytes, stream.hexdigest(), seconds
         )

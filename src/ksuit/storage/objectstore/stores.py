@@ -14,7 +14,7 @@ from __future__ import annotations
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -145,6 +145,30 @@ def etag_of(data: bytes) -> str:
 
 
 _EMULATION_LOCK = threading.Lock()
+
+
+def write_object(
+    store: Store,
+    path: str,
+    write: Callable[[UploadStream], None],
+    expected_nbytes: int,
+    opened: Callable[[UploadStream], None] | None = None,
+) -> tuple[UploadStream, float]:
+    """Streams `write` into the object `path`, hashed on the way: the object exists whole when
+    this returns, and not at all (the upload aborted) when `write` raises. `opened` sees the
+    stream before anything is written (a caller that must abort it from elsewhere). Returns the
+    finished stream (its `nbytes`, `hexdigest()`) and the seconds taken."""
+    start = time.perf_counter()
+    stream = store.open_write(path, expected_nbytes)
+    if opened is not None:
+        opened(stream)
+    try:
+        write(stream)
+    except BaseException:
+        stream.abort()
+        raise
+    stream.finish()
+    return stream, time.perf_counter() - start
 
 
 class FsspecStore(Store):
