@@ -92,3 +92,18 @@ def test_previous_run_initializer_refuses_a_file_that_no_longer_matches(run, pat
             SimpleNamespace(model=fresh, rank=0)
         )
     assert torch.equal(fresh.encoder.net[0].weight, before)
+
+
+def test_a_listed_file_too_damaged_to_load_reports_the_manifest_difference(run):
+    """The file is hashed while it is loaded: when the load itself fails on a file that differs
+    from its manifest, the error says so (the damage), not what the loader tripped on."""
+    folder, _ = run
+    path = folder / ENCODER
+    data = bytearray(path.read_bytes())
+    data[:64] = b"\xff" * 64  # the zip's first local header: no loader reads this file
+    path.write_bytes(bytes(data))
+    with pytest.raises(CorruptCheckpointError, match="checksum") as info:
+        load_model(path)
+    assert MANIFEST in str(info.value)
+    with pytest.raises(CorruptCheckpointError, match="checksum"):
+        load_model_payload(path)

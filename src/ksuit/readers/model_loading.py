@@ -9,7 +9,8 @@ checksum before it is used.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+import threading
+from collections.abc import Callable, Iterable
 from typing import Any, TypeVar, cast, overload
 
 import torch
@@ -26,6 +27,7 @@ from ksuit.storage.manifest import ManifestEntry, verify_file
 from ksuit.utils.imports import import_path, resolve_kind_from_file, trusted_prefixes
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # ksuit's own modules (e.g. the models of ksuit.zoo) may always be imported to rebuild a model
 ALWAYS_TRUSTED_MODULES = ("ksuit",)
@@ -60,20 +62,74 @@ def check_opened(f: OpenedFile, folder: Backend, checksum: bool = True) -> None:
     listed = manifest_entry_of(folder, f.name)
     if listed is None:
         return  # a standalone or exported file: nothing says what it should be
-    manifest_name, entry = listed
-    problem = None
-    if f.size != entry.size:
-        problem = f"size {f.size} != {entry.size} in manifest"
-    elif checksum:
-        size, digest = f.checksum()
-        if (size, digest) != (entry.size, entry.checksum):
-            problem = f"checksum {digest} != {entry.checksum} in manifest"
+    problem = _hash_problem(f, listed[1], None)
+    if problem is None and checksum:
+        problem = _hash_problem(f, listed[1], f.checksum())
     if problem is not None:
-        raise CorruptCheckpointError(
-            f"{f.location} does not match the manifest {manifest_name} that lists it ({problem}): the "
-            f"file was damaged or changed after it was saved; run `ksuit verify {folder.location}` (it "
-            "also completes an interrupted save) and load another checkpoint, or restore the file from a copy"
-        )
+        raise _mismatch(f, folder, listed[0], problem)
+
+
+def load_checked(f: OpenedFile, folder: Backend, load: Callable[[], T], checksum: bool = True) -> T:
+    """`load()` of the opened file `f`, returned only once `f` matched the manifest beside it
+    that lists it (as `check_opened`). The file is hashed in a helper thread while `load` reads
+    the same opened file, so its bytes come from the disk once and nothing waits for the hash
+    but the return. A load that fails on a file that differs from its manifest reports the
+    difference (`CorruptCheckpointError`), not the load's error."""
+    listed = manifest_entry_of(folder, f.name)
+    if listed is None:
+        return load()
+    manifest_name, entry = listed
+    problem = _hash_problem(f, entry, None)
+    if problem is not None:
+        raise _mismatch(f, folder, manifest_name, problem)
+    if not checksum:
+        return load()
+    hashed: list[tuple[int, str] | BaseException] = []
+
+    def hash_file() -> None:
+        try:
+            hashed.append(f.checksum())
+        except BaseException as e:  # raised on the caller's thread
+            hashed.append(e)
+
+    thread = threading.Thread(target=hash_file, name="ksuit-load-hash", daemon=True)
+    try:
+        thread.start()
+    except RuntimeError:  # no new threads at interpreter shutdown: one after the other
+        hash_file()
+    error: Exception | None = None
+    try:
+        result: T | None = load()
+    except Exception as e:  # raised below unless the file differs from its manifest
+        result, error = None, e
+    if thread.ident is not None:
+        thread.join()
+    if isinstance(hashed[0], BaseException):
+        raise hashed[0]
+    problem = _hash_problem(f, entry, hashed[0])
+    if problem is not None:
+        raise _mismatch(f, folder, manifest_name, problem) from error
+    if error is not None:
+        raise error
+    return cast(T, result)
+
+
+def _hash_problem(f: OpenedFile, entry: ManifestEntry, hashed: tuple[int, str] | None) -> str | None:
+    """What differs between the opened file and its manifest entry: its size, or (given the
+    file's `(size, checksum)`) its checksum; None when nothing does."""
+    if f.size != entry.size:
+        return f"size {f.size} != {entry.size} in manifest"
+    if hashed is not None and hashed != (entry.size, entry.checksum):
+        return f"checksum {hashed[1]} != {entry.checksum} in manifest"
+    return None
+
+
+def _mismatch(f: OpenedFile, folder: Backend, manifest_name: str, problem: str) -> CorruptCheckpointError:
+    return CorruptCheckpointError(
+        f"{f.location} does not match the manifest {manifest_name} that lists it ({problem}): the "
+        f"file was damaged or changed after it was saved; run `ksuit verify {folder.location}` (it "
+        "also completes an interrupted save) and load another checkpoint, or restore the file from a copy"
+    )
 
 
 def check_sharded(folder: Backend, name: str, checksum: bool = True) -> None:
@@ -102,8 +158,7 @@ def load_payload(path: Location, verify: bool = True) -> Any:
         check_sharded(folder, name, checksum=verify)
         return load_full(folder.child(name))
     with folder.open(name, follow_symlinks=True) as f:
-        check_opened(f, folder, checksum=verify)
-        return load_opened(f, map_location="cpu")
+        return load_checked(f, folder, lambda: load_opened(f, map_location="cpu"), checksum=verify)
 
 
 def load_model_payload(
@@ -125,8 +180,9 @@ def load_model_payload(
         location = folder.file_location(name)
     else:
         with folder.open(name, follow_symlinks=True) as f:
-            check_opened(f, folder, checksum=verify)
-            payload = load_opened(f, map_location=map_location, mmap=mmap)
+            payload = load_checked(
+                f, folder, lambda: load_opened(f, map_location=map_location, mmap=mmap), checksum=verify
+            )
         location = f.location
     if not isinstance(payload, dict) or "state_dict" not in payload:
         raise ValueError(
