@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import secrets
+import threading
 
 import pytest
 import torch
@@ -321,3 +322,38 @@ def test_an_oversized_head_is_refused_naming_it(root):
             open_backend(f"{root}/run/checkpoints").entries()
     finally:
         objectstore_backend.MAX_RECORD_BYTES = limit
+
+
+def test_a_hash_and_a_load_of_one_opened_object_download_it_once(monkeypatch):
+    """`load_model` and resume hash a file in a helper thread while they load it: on an object
+    store both ask for the same download, which happens once (the other waits for it)."""
+    _, pp = save_model(f"memory://ksuit-tests-{secrets.token_hex(6)}/runs")
+    backend = open_backend(pp.checkpoint_path)
+    opened = backend.open("autoencoder.encoder_cp=latest_model.th")
+    store = opened.store
+    downloads: list[str] = []
+    first_started, release = threading.Event(), threading.Event()
+    download = store.download
+
+    def counted(path, out, size):
+        downloads.append(path)
+        first_started.set()
+        assert release.wait(30), "the test never released the first download"
+        return download(path, out, size)
+
+    monkeypatch.setattr(store, "download", counted)
+    results: dict[str, object] = {}
+    hasher = threading.Thread(target=lambda: results.update(hash=opened.checksum()))
+    hasher.start()
+    assert first_started.wait(30)
+    loader = threading.Thread(target=lambda: results.update(path=opened.local_path()))
+    loader.start()
+    loader.join(timeout=1.0)  # it waits for the first download (or, wrongly, starts its own)
+    release.set()
+    hasher.join(30)
+    loader.join(30)
+    assert len(downloads) == 1, downloads
+    with open(results["path"], "rb") as f:
+        assert len(f.read()) == opened.size
+    assert results["hash"][0] == opened.size
+    opened.close()

@@ -91,6 +91,7 @@ class ObjectFile(OpenedFile):
         self._owned = False  # the temporary file is ours to remove (not the cache's)
         self._fd = -1
         self._digest: str | None = None  # of the downloaded bytes, when hashed on the way
+        self._download_lock = threading.Lock()
 
     def read_at(self, offset: int, size: int) -> bytes:
         if self._fd < 0 and self.size > WHOLE_BYTES:
@@ -101,6 +102,12 @@ class ObjectFile(OpenedFile):
     def _materialize(self) -> int:
         if self._fd >= 0:
             return self._fd
+        with self._download_lock:  # a hash thread and a loader may ask at once: one download
+            if self._fd >= 0:
+                return self._fd
+            return self._download()
+
+    def _download(self) -> int:
         if self.immutable:
             cached = CACHE.take(self._url, self.size)
             if cached is not None:
