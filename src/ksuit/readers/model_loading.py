@@ -9,7 +9,6 @@ checksum before it is used.
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar, cast, overload
 
@@ -25,6 +24,7 @@ from ksuit.storage.errors import CorruptCheckpointError
 from ksuit.storage.formats import format_of_path
 from ksuit.storage.manifest import ManifestEntry, verify_file
 from ksuit.utils.imports import import_path, resolve_kind_from_file, trusted_prefixes
+from ksuit.utils.threads import in_background
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -92,18 +92,13 @@ def load_checked(f: OpenedFile, folder: Backend, load: Callable[[], T], checksum
         except BaseException as e:  # raised on the caller's thread
             hashed.append(e)
 
-    thread = threading.Thread(target=hash_file, name="ksuit-load-hash", daemon=True)
-    try:
-        thread.start()
-    except RuntimeError:  # no new threads at interpreter shutdown: one after the other
-        hash_file()
+    wait_for_hash = in_background(hash_file, "ksuit-load-hash")
     error: Exception | None = None
     try:
         result: T | None = load()
     except Exception as e:  # raised below unless the file differs from its manifest
         result, error = None, e
-    if thread.ident is not None:
-        thread.join()
+    wait_for_hash()
     if isinstance(hashed[0], BaseException):
         raise hashed[0]
     problem = _hash_problem(f, entry, hashed[0])

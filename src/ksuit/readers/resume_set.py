@@ -26,7 +26,6 @@ retention deleted it: one optimizer file's worth of disk space per resume.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,6 +38,7 @@ from ksuit.readers.sets import CheckpointSet, choose_set, problems_text
 from ksuit.storage import Backend, Location, OpenedFile, load_opened
 from ksuit.storage.errors import UnsafeCheckpointError
 from ksuit.storage.manifest import ManifestEntry, hash_problem, verify_file
+from ksuit.utils.threads import in_background
 from ksuit.utils.training import TrainingIteration
 
 
@@ -113,7 +113,7 @@ def _load_checked(
             for name, entry in folders.items():
                 folder_problems[name] = verify_file(s.folder, name, entry, checksum=True)
 
-        hasher = _start(check_all)
+        wait_for_hashes = in_background(check_all, "ksuit-resume-hash")
         errors: dict[str, BaseException] = {}
         if not problems:
             for name, _, f in opened:
@@ -124,10 +124,7 @@ def _load_checked(
                         payloads[key] = load_opened(f, map_location, mmap=True)
                     except Exception as e:  # raised below unless the file differs from its manifest
                         errors[name] = e
-        if hasher is not None:
-            hasher.join()
-        else:
-            check_all()
+        wait_for_hashes()
         problems.update({n: p for n, p in folder_problems.items() if p is not None})
         for name, entry, _ in opened:
             hashed = hashes[name]
@@ -150,16 +147,6 @@ def _hash_all(opened: list[tuple[str, ManifestEntry, OpenedFile]], out: dict[str
             out[name] = f.checksum()
         except BaseException as e:  # raised on the caller's thread
             out[name] = e
-
-
-def _start(work: Any) -> threading.Thread | None:
-    """`work` in a helper thread, or None where no thread can be started (then run it inline)."""
-    thread = threading.Thread(target=work, name="ksuit-resume-hash", daemon=True)
-    try:
-        thread.start()
-    except RuntimeError:
-        return None
-    return thread
 
 
 def resume_files(model: ModelBase) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:

@@ -179,11 +179,7 @@ def select_resume_set(
 def _select_resume_set_locked(
     folder: Backend, group: str, tag: str | TrainingIteration | None, required: list[tuple[str, str]]
 ) -> tuple[CheckpointSet, list[tuple[str, str]]]:
-    def verified(s: CheckpointSet) -> str | None:
-        s.check(checksum=True)
-        return None if s.ok else problems_text(s.problems)
-
-    return choose_set(folder, group, tag, required, verified)
+    return choose_set(folder, group, tag, required, checksum_problems)
 
 
 Accept = Callable[[CheckpointSet], "str | None"]
@@ -230,6 +226,12 @@ def choose_set(
     raise FileNotFoundError(f"no usable checkpoint set of '{group}' in {folder.location} ({details})")
 
 
+def checksum_problems(s: CheckpointSet) -> str | None:
+    """None when every file of `s` matches its manifest's checksum (read now), else what does not."""
+    s.check(checksum=True)
+    return None if s.ok else problems_text(s.problems)
+
+
 def problems_text(problems: Mapping[str, str]) -> str:
     return "; ".join(f"{k}: {v}" for k, v in problems.items())
 
@@ -251,9 +253,7 @@ def usable_for_resume(
     Checksums are read unless `verified(s)` vouches for them (a set its writer just wrote)."""
     reason = _unusable_reason(s, group, list(required))
     if reason is None and not (verified is not None and verified(s)):
-        s.check(checksum=True)
-        if not s.ok:
-            reason = problems_text(s.problems)
+        reason = checksum_problems(s)
     return reason
 
 
