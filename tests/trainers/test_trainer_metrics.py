@@ -97,3 +97,24 @@ def test_a_file_with_one_rank_s_sums_counts_them_once(monkeypatch):
         resumed = MetricTracker()
         resumed.load_state_dict(old)
         assert (resumed.loss_sums, resumed.loss_updates) == expected
+
+
+@pytest.mark.parametrize(
+    "train_loss",
+    [
+        {"ranks": "xy"},
+        {"ranks": [{"sums": {"total": "1.0"}, "updates": 1}]},
+        {"ranks": [{"sums": {"total": 1.0}, "updates": -1}]},
+        {"ranks": [{"sums": {"total": 1.0}}]},
+        {"sums": [1.0], "updates": 1},
+        [1, 2],
+    ],
+)
+def test_a_malformed_train_loss_is_refused_by_name(monkeypatch, train_loss):
+    """A trainer file is untrusted: loss sums of the wrong shape are a clear error, never a
+    TypeError from deep inside nor a resumed run with wrong sums."""
+    _as_rank(monkeypatch, 0, 1)
+    tracker = MetricTracker()
+    with pytest.raises(ValueError, match="train_loss is not"):
+        tracker.load_state_dict({"train_loss": train_loss})
+    assert (tracker.loss_sums, tracker.loss_updates) == ({}, 0)

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 from ksuit.utils import distributed
 
@@ -75,8 +76,7 @@ class MetricTracker:
         metrics = state_dict.get("metrics", {})
         self.values = {k: float(v["value"]) for k, v in metrics.items()}
         self.updates = {k: int(v["update"]) for k, v in metrics.items()}
-        loss = state_dict.get("train_loss", {})
-        ranks = loss["ranks"] if "ranks" in loss else [loss] if loss else []
+        ranks = _rank_losses(state_dict.get("train_loss", {}))
         rank, world = distributed.rank(), distributed.world_size()
         if len(ranks) == world:
             mine = [ranks[rank]]
@@ -84,6 +84,34 @@ class MetricTracker:
             mine = ranks if rank == 0 else []
         self.loss_sums, self.loss_updates = {}, 0
         for entry in mine:
-            for k, v in entry["sums"].items():
-                self.loss_sums[k] = self.loss_sums.get(k, 0.0) + float(v)
-            self.loss_updates += int(entry["updates"])
+            for k, v in entry.sums.items():
+                self.loss_sums[k] = self.loss_sums.get(k, 0.0) + v
+            self.loss_updates += entry.updates
+
+
+class _RankLoss(BaseModel):
+    """One rank's train-loss sums as the trainer file keeps them."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    sums: dict[str, float]
+    updates: int = Field(ge=0)
+
+
+_RANK_LOSSES = TypeAdapter(list[_RankLoss])
+
+
+def _rank_losses(loss: Any) -> list[_RankLoss]:
+    """The per-rank loss sums of a trainer file's `train_loss`: `{"ranks": [...]}`, or one rank's
+    `{"sums", "updates"}` (files written before every rank's sums were kept), or nothing."""
+    if not loss:
+        return []
+    try:
+        if not isinstance(loss, dict):
+            raise ValueError(f"a {type(loss).__name__}")
+        return _RANK_LOSSES.validate_python(loss["ranks"] if "ranks" in loss else [loss])
+    except (ValueError, KeyError) as e:
+        raise ValueError(
+            "the trainer state's train_loss is not {'ranks': [{'sums': {name: float}, 'updates': int}, "
+            f"...]}} ({str(e).splitlines()[0][:200]}); the trainer file was not written by ksuit's "
+            "trainer or is damaged: resume from another checkpoint"
+        ) from None
