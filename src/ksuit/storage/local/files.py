@@ -35,6 +35,8 @@ def make_folder_durable(path: str | Path) -> Path:
     probe = path
     while not probe.is_dir():
         if probe.exists() or probe.is_symlink():
+            if probe.is_dir():  # created meanwhile by another thread or process
+                break
             raise NotADirectoryError(f"{probe} is in the way of the folder {path}; move it away")
         missing.append(probe)
         if probe.parent == probe:
