@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from ksuit.readers import scan_sets, select_resume_set
-from ksuit.storage.local import direct_io
+from ksuit.storage.local import direct_io, staging
 from ksuit.writers import CheckpointWriter
 from tests.conftest import FakeTrainer, save_resumable_set
 
@@ -69,21 +69,31 @@ def saved(path_provider, update_counter):
     return path_provider, update_counter
 
 
-@pytest.mark.parametrize("direct", [False, True], ids=["buffered", "o_direct"])
-def test_a_save_running_out_of_space_part_way(saved, monkeypatch, direct):
+@pytest.mark.parametrize("route", ["in_memory", "buffered", "o_direct"])
+def test_a_save_running_out_of_space_part_way(saved, monkeypatch, route):
     provider, counter = saved
     folder = provider.checkpoint_path
     before = names(folder)
-    if direct:  # every file through the O_DIRECT stream, in 3-block bounce buffers
+    if route != "in_memory":  # streamed in pieces instead of serialized first, written at once
+        monkeypatch.setattr(staging, "IN_MEMORY_BYTES", 0)
+    if route == "o_direct":  # every file through the O_DIRECT stream, in 3-block bounce buffers
+        monkeypatch.setattr(staging, "MIN_DIRECT_BYTES", 0)
         monkeypatch.setattr(direct_io, "MIN_DIRECT_BYTES", 0)
         monkeypatch.setattr(direct_io, "BOUNCE_BYTES", 3 * direct_io.BLOCK)
+    streams = []
+    original_init = direct_io.DirectStream.__init__
+    monkeypatch.setattr(
+        direct_io.DirectStream, "__init__", lambda self, sink: streams.append(original_init(self, sink))
+    )
     written = run_out_of_space_after(monkeypatch, budget=MIB // 2)
     counter.next_update()
     big = {"w": torch.randn(MIB // 4)}  # 1 MiB of tensor bytes: cannot finish
     with pytest.raises(OSError) as info:
         CheckpointWriter(provider, counter).save_model_checkpoint("big_cp=E0_U2_S0_model.th", big, "E0_U2_S0")
     monkeypatch.undo()
-    assert written[0] > 0  # the write really started before the disk ran out
+    assert bool(streams) == (route == "o_direct")  # the route the case names was taken
+    if route != "in_memory":
+        assert written[0] > 0  # the write really started before the disk ran out
     assert_full_disk_error(info.value, "big_cp=E0_U2_S0_model.th")
     assert names(folder) == before  # no temporary file left behind
     assert all(s.ok for s in scan_sets(provider.run_output_path, checksum=True))

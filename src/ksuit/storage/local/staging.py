@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import io
 import logging
 import os
 import queue
@@ -59,6 +60,9 @@ logger = logging.getLogger(__name__)
 COPY_CHUNK = 8 << 20
 
 MAX_OPEN_STAGED = 256  # staged files kept open for one fsync batch
+# smaller files are serialized into memory and written with one call: torch.save hands a file
+# over in ~50 pieces, and each piece through a Python stream costs more than the copy
+IN_MEMORY_BYTES = 4 << 20
 FSYNC_THREADS = 8  # concurrent fsyncs a batch uses at most
 
 
@@ -216,7 +220,11 @@ class LocalSetTransaction(SetTransaction):
         self.sink = sink = HashingSink(tmp)
         self.temps.append(tmp)
         try:
-            if expected_nbytes < MIN_DIRECT_BYTES:
+            if expected_nbytes < IN_MEMORY_BYTES:  # written whole: no Python per piece
+                memory = io.BytesIO()
+                write(memory)
+                sink.write(memory.getbuffer())
+            elif expected_nbytes < MIN_DIRECT_BYTES:
                 buffered = _Buffered(sink)  # torch.save writes a small file in ~50 pieces
                 write(buffered)
                 buffered.flush()
