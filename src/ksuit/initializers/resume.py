@@ -15,7 +15,10 @@ from ksuit.readers import (
     load_resume_set,
     select_resume_set,
 )
+from ksuit.readers.listing import checkpoint_folder
 from ksuit.readers.resume_set import restore_leaves, resume_files
+from ksuit.readers.sets import choose_set
+from ksuit.storage import Backend
 from ksuit.storage.locations import is_url
 from ksuit.utils.training import TrainingIteration
 
@@ -99,21 +102,48 @@ class ResumeInitializer(Initializer):
 
     def _load(self, trainer: BaseTrainer) -> LoadedSet:
         """The chosen set with its files loaded in one pass (`ksuit.readers.load_resume_set`:
-        each file read once, checked against its manifest from the bytes loaded). With a mirror,
-        the copy holding the newest usable set is found first (`select`), then that set is loaded
-        from it in the same way."""
+        each file read once, checked against its manifest from the bytes loaded).
+
+        With a mirror, the copies are ordered by the newest set their manifests promise (read
+        without reading a data file; the local copy first on a tie) and loaded in that order,
+        each in one pass, until none left could hold a newer set than the one loaded: the copy
+        that loses is never read (nor downloaded), and where the newest set of a copy fails its
+        checksums, a copy that promised a newer set than the one it fell back to is tried too.
+        The set chosen is the one `select` chooses."""
         group = trainer.model.name
         required, wanted = resume_files(trainer.model)
-        if self.mirror is None:
-            loaded = load_resume_set(
-                find_checkpoint_dir(self.run_dir), group, self.checkpoint, required, wanted
-            )
-            self._chose(trainer, loaded.chosen, loaded.skipped)
-            return loaded
-        chosen = self.select(trainer)
-        loaded = load_resume_set(chosen.folder, group, chosen.tag, required, wanted)
-        self.chosen = loaded.chosen
-        return loaded
+        errors: list[OSError] = []
+        promised: list[tuple[tuple[int, int, int], int, Backend]] = []
+        for index, where in enumerate([self.run_dir] + ([self.mirror] if self.mirror is not None else [])):
+            try:
+                folder = checkpoint_folder(find_checkpoint_dir(where))
+                if self.mirror is None:  # one copy: nothing to order
+                    promised.append(((0, 0, 0), 0, folder))
+                    continue
+                with folder.lock():
+                    newest, _ = choose_set(folder, group, self.checkpoint, required, _by_manifest)
+                promised.append((_iteration_key(newest.training_iteration), -index, folder))
+            except (FileNotFoundError, NotADirectoryError) as e:
+                errors.append(e)
+        best: LoadedSet | None = None
+        for key, _, folder in sorted(promised, key=lambda p: p[:2], reverse=True):
+            if best is not None and _iteration_key(best.chosen.training_iteration) >= key:
+                break  # no set of this copy can be newer than the one loaded
+            try:
+                loaded = load_resume_set(folder, group, self.checkpoint, required, wanted)
+            except FileNotFoundError as e:
+                errors.append(e)
+                continue
+            if best is None or _iteration_key(loaded.chosen.training_iteration) > _iteration_key(
+                best.chosen.training_iteration
+            ):
+                best = loaded  # on a tie the copy loaded first (local) stays
+        if best is None:
+            if len(errors) > 1:
+                raise FileNotFoundError("; ".join(str(e) for e in errors)) from errors[0]
+            raise errors[0]
+        self._chose(trainer, best.chosen, best.skipped)
+        return best
 
     def apply(self, trainer: BaseTrainer) -> None:
         """Chooses the set, loads it, and restores the model, the optimizers and the trainer
@@ -126,6 +156,11 @@ class ResumeInitializer(Initializer):
         trainer.resumed_from = ResumePoint(
             chosen.folder.ref, chosen.tag, trainer.update_counter.cur_iteration.copy()
         )
+
+
+def _by_manifest(s: CheckpointSet) -> str | None:
+    """Takes a set on its manifest alone: where the ordering of copies needs no data read."""
+    return None
 
 
 def _iteration_key(it: TrainingIteration | None) -> tuple[int, int, int]:

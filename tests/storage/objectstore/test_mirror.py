@@ -150,3 +150,120 @@ def test_resume_takes_the_newest_complete_set_of_either_copy(s3, tmp_path, newer
     assert str(chosen.folder.location).startswith(s3.url if newer == "mirror" else str(local_root))
     shutil.rmtree(local_root)  # a fresh machine: only the mirror is left
     assert initializer.select(Trainer()).training_iteration.update == (2 if newer == "mirror" else 1)
+
+
+class _Resumed:
+    """What `ResumeInitializer.apply` restores: a model, its counter and the trainer state."""
+
+    rank = 0
+
+    def __init__(self) -> None:
+        self.model = Autoencoder(autoencoder_config()).initialize()
+        self.update_counter = UpdateCounter(
+            None, TrainingIteration(epoch=30), updates_per_epoch=20, effective_batch_size=4
+        )
+        self.resumed_from = None
+        self.state: dict | None = None
+
+    def load_state_dict(self, state: dict, strict: bool = True) -> None:
+        self.state = state
+
+
+def _two_copies(tmp_path, s3, updates: dict[str, int]):
+    """A `latest` set saved at `updates[copy]` into the local run folder and into the mirror;
+    returns the local run folder and the mirror's run location."""
+    local_root, mirror_root = tmp_path / "runs", s3.url + "/mirror"
+    model = Autoencoder(autoencoder_config()).initialize()
+    for where, update in sorted(updates.items(), key=lambda kv: kv[1]):
+        counter = UpdateCounter(
+            None, TrainingIteration(epoch=30), updates_per_epoch=20, effective_batch_size=4
+        )
+        for _ in range(update):
+            counter.next_update()
+        root = local_root if where == "local" else mirror_root
+        with CheckpointWriter(PathProvider(root, "run"), counter) as writer:
+            writer.save(model, "latest", trainer=FakeTrainer(counter))
+    return local_root / "run", f"{mirror_root}/run"
+
+
+def _count_reads(monkeypatch):
+    """Counts the files each kind of backend opens (a read of its bytes) and every separate hash."""
+    from collections import Counter
+
+    from ksuit.storage.local import LocalBackend
+
+    opened = {"local": Counter(), "mirror": Counter()}
+    hashed = Counter()
+    for kind, cls in (("local", LocalBackend), ("mirror", ObjectStoreBackend)):
+        original = cls.open
+
+        def counting(self, name, follow_symlinks=False, _original=original, _kind=kind):
+            opened[_kind][name] += 1
+            return _original(self, name, follow_symlinks)
+
+        monkeypatch.setattr(cls, "open", counting)
+        monkeypatch.setattr(cls, "checksum", lambda self, name: hashed.update([name]))
+    return opened, hashed
+
+
+@pytest.mark.parametrize("newer", ["local", "mirror", "neither"])
+def test_resume_with_a_mirror_reads_the_chosen_copy_once_and_never_the_other(
+    s3, tmp_path, monkeypatch, newer
+):
+    updates = {"local": 2 if newer != "mirror" else 1, "mirror": 2 if newer != "local" else 1}
+    run_dir, mirror = _two_copies(tmp_path, s3, updates)
+    opened, hashed = _count_reads(monkeypatch)
+    trainer = _Resumed()
+    initializer = ResumeInitializer(run_dir, mirror=mirror)
+    initializer.apply(trainer)
+    chosen = initializer.chosen
+    winner = "mirror" if newer == "mirror" else "local"  # on a tie the local copy
+    loser = "local" if winner == "mirror" else "mirror"
+    assert chosen.training_iteration.update == 2 and chosen.checksums_verified
+    assert str(chosen.folder.location).startswith(s3.url if winner == "mirror" else str(tmp_path))
+    members = set(chosen.manifest.files)
+    assert {n: opened[winner][n] for n in members} == dict.fromkeys(members, 1)
+    assert not [n for n in opened[loser] if n.endswith(".th")]  # the other copy's data never read
+    assert not hashed  # verified from the bytes loaded, not by a separate pass
+    assert trainer.state["training_iteration"]["update"] == 2  # the trainer file of that set
+
+
+def test_a_damaged_newest_local_set_resumes_from_the_mirror_s_intact_copy_of_it(s3, tmp_path, caplog):
+    import logging
+
+    run_dir, mirror = _two_copies(tmp_path, s3, {"local": 2, "mirror": 2})
+    victim = run_dir / "checkpoints" / "autoencoder.decoder_cp=latest_model.th"
+    data = bytearray(victim.read_bytes())
+    data[-40] ^= 1
+    victim.write_bytes(bytes(data))
+    trainer = _Resumed()
+    initializer = ResumeInitializer(run_dir, mirror=mirror)
+    with caplog.at_level(logging.INFO, logger="ksuit"):
+        initializer.apply(trainer)
+    assert str(initializer.chosen.folder.location).startswith(s3.url)
+    assert initializer.chosen.training_iteration.update == 2
+    assert trainer.state["training_iteration"]["update"] == 2  # the trainer file of that set
+    # the same set as `select` takes, which checks every copy's checksums first
+    assert initializer.select(trainer).folder.location == initializer.chosen.folder.location
+
+
+def test_a_copy_that_falls_back_to_an_older_set_loses_to_a_copy_with_a_newer_intact_one(s3, tmp_path):
+    run_dir, mirror = _two_copies(tmp_path, s3, {"mirror": 2})
+    local_root = run_dir.parent
+    model = Autoencoder(autoencoder_config()).initialize()
+    counter = UpdateCounter(None, TrainingIteration(epoch=30), updates_per_epoch=20, effective_batch_size=4)
+    with CheckpointWriter(PathProvider(local_root, "run"), counter) as writer:
+        for tag in ("E0_U1_S4", "E0_U3_S12"):
+            counter.next_update()
+            if tag == "E0_U3_S12":
+                counter.next_update()
+            writer.save(model, tag, trainer=FakeTrainer(counter))
+    newest = run_dir / "checkpoints" / "autoencoder.encoder_cp=E0_U3_S12_optim.th"
+    data = bytearray(newest.read_bytes())
+    data[-40] ^= 1
+    newest.write_bytes(bytes(data))  # local promises update 3, but only update 1 is intact
+    trainer = _Resumed()
+    initializer = ResumeInitializer(run_dir, mirror=mirror)
+    initializer.apply(trainer)
+    assert str(initializer.chosen.folder.location).startswith(s3.url)
+    assert initializer.chosen.training_iteration.update == 2
