@@ -40,6 +40,7 @@ from typing import Any
 from ksuit.storage.backend import Backend, Location
 from ksuit.storage.sets import OnWritten, PendingFile, SetWriter
 from ksuit.storage.snapshot import SnapshotBuffer, SnapshotPool, take_snapshot
+from ksuit.utils import gc_pause
 
 logger = logging.getLogger(__name__)
 
@@ -104,9 +105,13 @@ def _snapshot(payloads: list[Any], buffer: SnapshotBuffer) -> list[Any]:
 
 
 def _has_dtensor(obj: Any) -> bool:
+    if "torch.distributed.tensor" not in sys.modules:  # no DTensor can exist: no walk
+        return False
+    from torch.distributed.tensor import DTensor
+
     from ksuit.storage.formats import iter_tensors
 
-    return any(type(t).__name__ == "DTensor" for t in iter_tensors(obj))
+    return any(isinstance(t, DTensor) for t in iter_tensors(obj))
 
 
 class AsyncSetWriter:
@@ -156,6 +161,7 @@ class AsyncSetWriter:
             self.pool.release(buffer)
             raise
         snap_files = [f.with_payload(payloads[id(f.payload)]) for f in files]
+        gc_pause.hold()  # until written: no collection finds this save's objects alive
         self._queue.put((snap_files, run_id, on_written, buffer))
 
     def _run(self) -> None:
@@ -172,8 +178,9 @@ class AsyncSetWriter:
                 with self._errors_lock:
                     self._errors.append(e)
             finally:
-                del files
+                del files, job
                 self.pool.release(buffer)
+                gc_pause.release()
                 self._queue.task_done()
 
     def raise_pending_error(self) -> None:

@@ -25,6 +25,7 @@ import torch
 from typing_extensions import Buffer
 
 from ksuit.storage.backend import WriteStream
+from ksuit.utils.gc_pause import gc_paused
 
 _CRC_LOCK = threading.Lock()
 
@@ -105,14 +106,16 @@ class _KeepsWriteError:
 
 
 def torch_save(obj: Any, sink: WriteStream) -> None:
-    """`torch.save(obj)` into `sink` with CRC-32 off; a failed write raises the disk's OSError."""
+    """`torch.save(obj)` into `sink` with CRC-32 off; a failed write raises the disk's OSError.
+    Cyclic garbage collection waits meanwhile (`ksuit.utils.gc_pause`: pickling a payload of
+    many tensors otherwise sets off full collections that stall the training thread)."""
     if isinstance(sink, io.BytesIO):  # memory: no write fails, and torch writes to it directly
-        with crc32_off():
+        with crc32_off(), gc_paused():
             torch.save(obj, sink)
         return
     out = _KeepsWriteError(sink)
     try:
-        with crc32_off():
+        with crc32_off(), gc_paused():
             torch.save(obj, cast(IO[bytes], out))
     except RuntimeError as e:
         if out.error is not None:  # the disk's error (ENOSPC, EIO), not torch's wrapper of it

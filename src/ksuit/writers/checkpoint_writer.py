@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import enum
-import gc
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -41,6 +40,7 @@ from ksuit.storage.mirror import MirroringSetWriter, ReplicationFailure
 from ksuit.storage.snapshot import SnapshotPool
 from ksuit.utils import distributed
 from ksuit.utils.distributed import is_rank0
+from ksuit.utils.gc_pause import gc_paused
 from ksuit.writers.payload import check_metrics, check_state_dict, model_payload
 from ksuit.writers.plan import SaveSpec
 from ksuit.writers.sharding import is_sharded, sharded_group
@@ -49,20 +49,6 @@ from ksuit.writers.sizing import snapshot_nbytes
 if TYPE_CHECKING:
     from ksuit.providers import PathProvider
     from ksuit.utils.training import TrainingIteration, UpdateCounter
-
-
-@contextlib.contextmanager
-def _gc_paused() -> Iterator[None]:
-    """No cyclic garbage collection inside a save. Taking state dicts creates thousands of tensor
-    objects (and frees them after the save, creating no cycles), which would trigger collections,
-    a full one now and then, inside the time an asynchronous save stalls training."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
 
 
 class SupportsStateDict(Protocol):
@@ -223,7 +209,7 @@ class CheckpointWriter:
             training_iteration=payload[CheckpointKeys.TRAINING_ITERATION],
         )
         if sharded or is_rank0():  # a sharded state: every rank calls this and writes its shards
-            with _gc_paused():
+            with gc_paused():
                 self._submit([pending])
 
     def save(
@@ -287,7 +273,7 @@ class CheckpointWriter:
         if trainer is not None and not callable(getattr(trainer, "state_dict", None)):
             raise TypeError(f"trainer must have a state_dict() method, got {type(trainer).__name__}")
         leaves = select_leaves(model, spec.model_names_to_save)
-        with _gc_paused():
+        with gc_paused():
             # every rank takes part: trainer.state_dict() may gather RNG states collectively
             trainer_state = trainer.state_dict() if trainer is not None else None
             if trainer_state is not None:
@@ -407,7 +393,7 @@ class CheckpointWriter:
                     f.metrics = batch_metrics
         # a file saved twice in one batch (e.g. 'latest' by two callbacks) is written once, last wins
         unique = {f.filename: f for f in files}
-        with _gc_paused():
+        with gc_paused():
             self._submit(list(unique.values()))
 
     def flush(self) -> None:
