@@ -84,6 +84,18 @@ def test_resume_restores_weights_optimizer_and_loop_and_prefers_the_newest_set(t
     assert loop3.step == 2
 
 
+def test_resume_scans_the_folder_once(tmp_path, monkeypatch):
+    import ksuit.readers.sets as sets
+
+    net, _, _, model, loop, writer = make(tmp_path)
+    writer.save(model, "latest", trainer=loop)
+    scans = []
+    real_read = sets.read_folder
+    monkeypatch.setattr(sets, "read_folder", lambda *a, **k: scans.append(1) or real_read(*a, **k))
+    assert ksuit.resume(tmp_path / "run", model, make(tmp_path)[4]).tag == "latest"
+    assert len(scans) == 1  # one listing and one read of the manifests decide fresh-or-not and the set
+
+
 def test_resume_refuses_to_start_over_when_every_set_is_damaged(tmp_path):
     net, _, _, model, loop, writer = make(tmp_path)
     writer.save(model, "latest", trainer=loop)

@@ -30,9 +30,10 @@ from typing import Any, Protocol
 
 from ksuit.initializers.base import describe_spec, parse_checkpoint_spec
 from ksuit.models.base import ModelBase, require_ksuit_model
-from ksuit.readers import ResumePoint, load_resume_set, scan_sets
+from ksuit.readers import ResumePoint, load_resume_set
 from ksuit.readers.listing import checkpoint_folder
 from ksuit.readers.resume_set import restore_leaves, resume_files
+from ksuit.readers.sets import NoCheckpointsError
 from ksuit.storage import Backend, Location
 from ksuit.trainers import rng
 from ksuit.utils.training import TrainingIteration
@@ -132,12 +133,11 @@ def resume(
         )
     except FileNotFoundError:
         return None
-    with folder.lock():  # an interrupted first save is completed before deciding the run is fresh
-        folder.recover()
-        if not any(s.group == model.name for s in scan_sets(folder)):
-            return None
     required, load = resume_files(model)
-    loaded = load_resume_set(folder, model.name, spec, required, load)
+    try:  # recovery first completes an interrupted first save, then the folder is scanned once
+        loaded = load_resume_set(folder, model.name, spec, required, load)
+    except NoCheckpointsError:  # no set of the model at all: a fresh run
+        return None
     chosen = loaded.chosen
     for tag, reason in loaded.skipped:
         logger.warning("skipped checkpoint '%s': %s", tag, reason)

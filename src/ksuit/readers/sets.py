@@ -182,6 +182,10 @@ def _select_resume_set_locked(
     return choose_set(folder, group, tag, required, checksum_problems)
 
 
+class NoCheckpointsError(FileNotFoundError):
+    """The folder holds no set of the group at all (a fresh run), not merely no usable one."""
+
+
 Accept = Callable[[CheckpointSet], "str | None"]
 """Takes a set that passed every check short of its checksums: None to choose it, or why not."""
 
@@ -197,10 +201,11 @@ def choose_set(
     `required` files, and that `accept` takes; with `(tag, reason)` of every set skipped. Call it
     with the folder locked. Recovery first completes or discards an interrupted save."""
     folder.recover()
-    candidates = [s for s in scan_sets(folder, checksum=False) if s.group == group]
+    found = scan_sets(folder, checksum=False)
+    candidates = [s for s in found if s.group == group]
     if not candidates:
-        groups = sorted({s.group for s in scan_sets(folder)})
-        raise FileNotFoundError(
+        groups = sorted({s.group for s in found})
+        raise NoCheckpointsError(
             f"no checkpoints of '{group}' in {folder.location}"
             + (f"; found: {', '.join(groups)}" if groups else "")
         )
