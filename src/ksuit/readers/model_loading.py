@@ -22,7 +22,7 @@ from ksuit.schemas.models import ModelBaseConfig
 from ksuit.storage import Backend, Location, OpenedFile, load_opened, split_file_location
 from ksuit.storage.errors import CorruptCheckpointError
 from ksuit.storage.formats import format_of_path
-from ksuit.storage.manifest import ManifestEntry, verify_file
+from ksuit.storage.manifest import ManifestEntry, hash_problem, verify_file
 from ksuit.utils.imports import import_path, resolve_kind_from_file, trusted_prefixes
 from ksuit.utils.threads import in_background
 
@@ -62,11 +62,12 @@ def check_opened(f: OpenedFile, folder: Backend, checksum: bool = True) -> None:
     listed = manifest_entry_of(folder, f.name)
     if listed is None:
         return  # a standalone or exported file: nothing says what it should be
-    problem = _hash_problem(f, listed[1], None)
+    manifest_name, entry = listed
+    problem = _size_problem(f, entry)
     if problem is None and checksum:
-        problem = _hash_problem(f, listed[1], f.checksum())
+        problem = hash_problem(*f.checksum(), entry)
     if problem is not None:
-        raise _mismatch(f, folder, listed[0], problem)
+        raise _mismatch(f, folder, manifest_name, problem)
 
 
 def load_checked(f: OpenedFile, folder: Backend, load: Callable[[], T], checksum: bool = True) -> T:
@@ -79,7 +80,7 @@ def load_checked(f: OpenedFile, folder: Backend, load: Callable[[], T], checksum
     if listed is None:
         return load()
     manifest_name, entry = listed
-    problem = _hash_problem(f, entry, None)
+    problem = _size_problem(f, entry)
     if problem is not None:
         raise _mismatch(f, folder, manifest_name, problem)
     if not checksum:
@@ -99,9 +100,10 @@ def load_checked(f: OpenedFile, folder: Backend, load: Callable[[], T], checksum
     except Exception as e:  # raised below unless the file differs from its manifest
         result, error = None, e
     wait_for_hash()
-    if isinstance(hashed[0], BaseException):
-        raise hashed[0]
-    problem = _hash_problem(f, entry, hashed[0])
+    digest = hashed[0]
+    if isinstance(digest, BaseException):
+        raise digest
+    problem = hash_problem(*digest, entry)
     if problem is not None:
         raise _mismatch(f, folder, manifest_name, problem) from error
     if error is not None:
@@ -109,14 +111,9 @@ def load_checked(f: OpenedFile, folder: Backend, load: Callable[[], T], checksum
     return cast(T, result)
 
 
-def _hash_problem(f: OpenedFile, entry: ManifestEntry, hashed: tuple[int, str] | None) -> str | None:
-    """What differs between the opened file and its manifest entry: its size, or (given the
-    file's `(size, checksum)`) its checksum; None when nothing does."""
-    if f.size != entry.size:
-        return f"size {f.size} != {entry.size} in manifest"
-    if hashed is not None and hashed != (entry.size, entry.checksum):
-        return f"checksum {hashed[1]} != {entry.checksum} in manifest"
-    return None
+def _size_problem(f: OpenedFile, entry: ManifestEntry) -> str | None:
+    """`hash_problem` of the opened file's size alone, before any byte of it is read."""
+    return hash_problem(f.size, entry.checksum, entry)
 
 
 def _mismatch(f: OpenedFile, folder: Backend, manifest_name: str, problem: str) -> CorruptCheckpointError:
