@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from ksuit.initializers.base import Initializer, describe_spec, parse_checkpoint_spec
 from ksuit.readers import (
@@ -62,13 +62,17 @@ class ResumeInitializer(Initializer):
     def required_files(self, trainer: BaseTrainer) -> list[tuple[str, str]]:
         return resume_files(trainer.model)[0]
 
+    def _copies(self) -> list[str | Path]:
+        """Where the run's sets are: the run folder, then the mirror if there is one."""
+        return [self.run_dir] + ([self.mirror] if self.mirror is not None else [])
+
     def select(self, trainer: BaseTrainer) -> CheckpointSet:
         """The set a resume would start from (every file checked against its manifest), without
         loading it: the newest usable set of the run folder or of the mirror (the local one on a
         tie); `apply` chooses the same set."""
         found: list[tuple[CheckpointSet, list[tuple[str, str]]]] = []
         errors: list[OSError] = []
-        for where in [self.run_dir] + ([self.mirror] if self.mirror is not None else []):
+        for where in self._copies():
             try:
                 folder = find_checkpoint_dir(where)
                 found.append(
@@ -79,9 +83,7 @@ class ResumeInitializer(Initializer):
             except (FileNotFoundError, NotADirectoryError) as e:
                 errors.append(e)
         if not found:
-            if len(errors) > 1:
-                raise FileNotFoundError("; ".join(str(e) for e in errors)) from errors[0]
-            raise errors[0]
+            _raise_none_found(errors)
         # the newest of the copies; on a tie the first (local) one
         chosen, skipped = max(found, key=lambda f: _iteration_key(f[0].training_iteration))
         self._chose(trainer, chosen, skipped)
@@ -114,7 +116,7 @@ class ResumeInitializer(Initializer):
         required, wanted = resume_files(trainer.model)
         errors: list[OSError] = []
         promised: list[tuple[tuple[int, int, int], int, Backend]] = []
-        for index, where in enumerate([self.run_dir] + ([self.mirror] if self.mirror is not None else [])):
+        for index, where in enumerate(self._copies()):
             try:
                 folder = checkpoint_folder(find_checkpoint_dir(where))
                 if self.mirror is None:  # one copy: nothing to order
@@ -139,9 +141,7 @@ class ResumeInitializer(Initializer):
             ):
                 best = loaded  # on a tie the copy loaded first (local) stays
         if best is None:
-            if len(errors) > 1:
-                raise FileNotFoundError("; ".join(str(e) for e in errors)) from errors[0]
-            raise errors[0]
+            _raise_none_found(errors)
         self._chose(trainer, best.chosen, best.skipped)
         return best
 
@@ -156,6 +156,13 @@ class ResumeInitializer(Initializer):
         trainer.resumed_from = ResumePoint(
             chosen.folder.ref, chosen.tag, trainer.update_counter.cur_iteration.copy()
         )
+
+
+def _raise_none_found(errors: list[OSError]) -> NoReturn:
+    """Raises why no copy had a usable set: the one error, or all of them in one."""
+    if len(errors) > 1:
+        raise FileNotFoundError("; ".join(str(e) for e in errors)) from errors[0]
+    raise errors[0]
 
 
 def _by_manifest(s: CheckpointSet) -> str | None:
