@@ -64,6 +64,18 @@ def test_resume_on_a_fresh_run_changes_nothing(tmp_path):
     assert_bitwise_equal(dict(net.state_dict()), before)
 
 
+def test_resume_of_a_model_with_no_set_of_its_own_starts_fresh(tmp_path):
+    _, _, _, model, loop, writer = make(tmp_path)
+    writer.save(model, "latest", trainer=loop)  # sets of 'lin' only
+    net = nn.Linear(3, 1)
+    other = ksuit.models.wrap(net, "other", optimizer=torch.optim.AdamW(net.parameters(), lr=0.1))
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    other_loop = ksuit.LoopState()
+    assert ksuit.resume(tmp_path / "run", other, other_loop) is None
+    assert other_loop.step == 0
+    assert_bitwise_equal(dict(net.state_dict()), before)
+
+
 def test_resume_restores_weights_optimizer_and_loop_and_prefers_the_newest_set(tmp_path):
     net, opt, sched, model, loop, writer = make(tmp_path)
     for step in (1, 2, 3):
